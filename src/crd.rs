@@ -1,0 +1,465 @@
+//! The `AwxToken` custom resource: what a user asks for (spec) and what the operator reports
+//! (status). Doc comments on fields are user documentation: they become `kubectl explain`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Annotation whose new value forces an immediate renewal (acknowledged in `status.rotatedFor`).
+pub const ROTATE_ANNOTATION: &str = "awx-token-operator.io/rotate";
+/// Annotation that releases a deletion stuck because AWX cannot be reached to revoke the token.
+pub const SKIP_REVOKE_ANNOTATION: &str = "awx-token-operator.io/skip-revoke";
+
+/// An Ansible AWX (or AAP gateway) API token kept in a Kubernetes Secret, renewed before it
+/// expires or grows too old, and revoked when it is replaced or this resource is deleted.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "awx-token-operator.io",
+    version = "v1alpha1",
+    kind = "AwxToken",
+    namespaced,
+    shortname = "awxt",
+    status = "AwxTokenStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Renews","type":"date","jsonPath":".status.renewalTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AwxTokenSpec {
+    /// Where AWX is and how to talk to it.
+    pub awx: AwxConnection,
+    /// How the token is obtained.
+    pub grant: Grant,
+    /// The Secret the token is written to.
+    #[serde(default)]
+    pub secret: TargetSecret,
+    /// When the token is renewed and how old tokens are retired.
+    #[serde(default)]
+    pub renewal: Renewal,
+    /// Revoke the current token in AWX when this AwxToken is deleted.
+    #[serde(default = "default_true")]
+    pub revoke_on_delete: bool,
+    /// Workloads in this namespace restarted (pod-template annotation) whenever the token in
+    /// the Secret is replaced; never on the first issue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+    /// Stop all AWX traffic for this token: no issue, renewal, verification or revocation.
+    /// The Secret keeps its current token.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Connection to AWX.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.url.startsWith('https://') || (has(self.allowInsecureHttp) && self.allowInsecureHttp)").message("url must use https:// unless allowInsecureHttp is true"))]
+pub struct AwxConnection {
+    /// Base URL of AWX or of the AAP gateway, e.g. https://awx.example.com (a path prefix is
+    /// kept: https://example.com/awx/ serves /awx/api/...). No credentials, query or fragment.
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// Which API to speak. Auto detects it once per URL.
+    #[serde(default)]
+    pub flavor: FlavorSpec,
+    /// Extra trust anchors (PEM) for AWX's certificate, from a Secret in this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_secret_ref: Option<SecretKeySelector>,
+    /// Accept any TLS certificate from AWX. Dangerous: a warning event and condition say so.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+    /// Allow a plain http:// URL (tokens and passwords then cross the network unencrypted).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Timeout of each request to AWX, in seconds.
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 300))]
+    pub timeout_seconds: u32,
+}
+
+/// The API flavour of the server at `url`.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FlavorSpec {
+    /// Detect: the AAP gateway if /api/gateway/v1/ answers, else AWX if /api/o/ answers.
+    #[default]
+    Auto,
+    /// AWX 24.x and Tower/Controller: /api/o/token/ and /api/v2/tokens/.
+    Controller,
+    /// AAP 2.5+ platform gateway: /o/token/ and /api/gateway/v1/tokens/.
+    Gateway,
+}
+
+/// A key of a Secret in this namespace.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySelector {
+    /// Name of the Secret (same namespace as the AwxToken).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret holding PEM certificates.
+    #[serde(default = "default_ca_key")]
+    pub key: String,
+}
+
+/// How the token is obtained.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.description) || self.type == 'PersonalAccessToken'").message("description applies only to type PersonalAccessToken"))]
+pub struct Grant {
+    /// Password: OAuth2 password grant with an application's client_id (and secret).
+    /// ClientCredentials: OAuth2 client-credentials grant (not supported by AWX or the AAP
+    /// gateway, whose applications allow only password and authorization-code).
+    /// PersonalAccessToken: a token created with the user's login at /api/v2/tokens/.
+    #[serde(rename = "type")]
+    pub type_: GrantType,
+    /// Secret in this namespace holding the credentials. Credentials are never inline.
+    pub credentials_secret_ref: CredentialsSecretRef,
+    /// Token scope.
+    #[serde(default)]
+    pub scope: ScopeSpec,
+    /// Description of a personal access token in AWX. Default: "awx-token-operator <namespace>/<name>".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub description: Option<String>,
+}
+
+/// The grant used to obtain the token.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GrantType {
+    /// OAuth2 password grant (needs username, password and client_id; client_secret for
+    /// confidential applications).
+    Password,
+    /// OAuth2 client-credentials grant (needs client_id and client_secret).
+    ClientCredentials,
+    /// Personal access token (needs username and password); always renewed by re-issuing.
+    PersonalAccessToken,
+}
+
+/// Token scope.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeSpec {
+    /// Read-only API access.
+    Read,
+    /// Full access with the user's permissions.
+    #[default]
+    Write,
+}
+
+/// The credentials Secret and which of its keys hold what.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret (same namespace as the AwxToken).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key holding the AWX username.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key holding the AWX password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+    /// Key holding the OAuth2 application's client_id.
+    #[serde(default = "default_client_id_key")]
+    pub client_id_key: String,
+    /// Key holding the OAuth2 application's client_secret (absent for public applications).
+    #[serde(default = "default_client_secret_key")]
+    pub client_secret_key: String,
+}
+
+/// The Secret the operator writes.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSecret {
+    /// Name of the Secret. Default: the AwxToken's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+    /// Extra labels on the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Names of the keys holding the token and the AWX URL. The default (token, host) is what
+    /// awx-resource-operator reads.
+    #[serde(default)]
+    pub keys: SecretKeys,
+    /// More keys, each holding the token or the host, e.g. CONTROLLER_OAUTH_TOKEN: token,
+    /// CONTROLLER_HOST: host (the names the awx CLI and the awx.awx collection read).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_keys: BTreeMap<String, SecretValue>,
+    /// Delete: the Secret is owned by the AwxToken and garbage-collected with it.
+    /// Retain: the Secret stays when the AwxToken is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+impl Default for TargetSecret {
+    fn default() -> Self {
+        Self {
+            name: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            keys: SecretKeys::default(),
+            extra_keys: BTreeMap::new(),
+            deletion_policy: DeletionPolicy::Delete,
+        }
+    }
+}
+
+/// Key names in the target Secret.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeys {
+    /// Key holding the token.
+    #[serde(default = "default_token_key")]
+    pub token: String,
+    /// Key holding the AWX URL.
+    #[serde(default = "default_host_key")]
+    pub host: String,
+}
+
+impl Default for SecretKeys {
+    fn default() -> Self {
+        Self {
+            token: default_token_key(),
+            host: default_host_key(),
+        }
+    }
+}
+
+/// What an extra key holds.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretValue {
+    /// The token.
+    Token,
+    /// The AWX URL.
+    Host,
+}
+
+/// What happens to the Secret when the AwxToken is deleted.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Owned by the AwxToken; deleted with it.
+    #[default]
+    Delete,
+    /// Kept.
+    Retain,
+}
+
+/// Renewal policy. Durations are written like 90s, 30m, 24h, 7d or 1h30m.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.renewBefore) && has(self.renewBeforePercentage))").message("renewBefore and renewBeforePercentage are mutually exclusive"))]
+pub struct Renewal {
+    /// Maximum age of a token, whatever AWX's expiry says (AWX's default lifetime is 1000 years).
+    #[serde(default = "default_rotate_every")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub rotate_every: String,
+    /// Renew this long before AWX's expiry. Default 1h. Exclusive with renewBeforePercentage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub renew_before: Option<String>,
+    /// Renew when this percentage of the lifetime (issue to expiry) is left. Exclusive with renewBefore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
+    pub renew_before_percentage: Option<u8>,
+    /// Reissue: new token, Secret updated, old token revoked after revokeGracePeriod
+    /// (make-before-break). Refresh: refresh_token grant; AWX deletes the old token at once.
+    /// Personal access tokens are always re-issued.
+    #[serde(default)]
+    pub strategy: RenewalStrategy,
+    /// How long a replaced token stays valid after the Secret changed.
+    #[serde(default = "default_revoke_grace_period")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub revoke_grace_period: String,
+    /// When above 0s, check the token in the Secret with AWX this often and re-issue it if AWX
+    /// rejects it.
+    #[serde(default = "default_verify_every")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub verify_every: String,
+}
+
+impl Default for Renewal {
+    fn default() -> Self {
+        Self {
+            rotate_every: default_rotate_every(),
+            renew_before: None,
+            renew_before_percentage: None,
+            strategy: RenewalStrategy::default(),
+            revoke_grace_period: default_revoke_grace_period(),
+            verify_every: default_verify_every(),
+        }
+    }
+}
+
+/// How a token is renewed.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RenewalStrategy {
+    /// Issue a new token, then revoke the old one after the grace period.
+    #[default]
+    Reissue,
+    /// Use the refresh_token grant (the old access token dies at once).
+    Refresh,
+}
+
+/// A workload restarted when the token changes.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartTarget {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: WorkloadKind,
+    /// Name of the workload in the AwxToken's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kinds of workload that can be restarted.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// apps/v1 Deployment.
+    Deployment,
+    /// apps/v1 StatefulSet.
+    StatefulSet,
+    /// apps/v1 DaemonSet.
+    DaemonSet,
+}
+
+/// What the operator observed and did. Never holds a token value.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AwxTokenStatus {
+    /// Ready: the Secret holds a working token. Issuing: a request to AWX is in flight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Secret holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// The API flavour used (detected when flavor is Auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flavor: Option<String>,
+    /// AWX's id of the current token, where AWX reports one (personal tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<u64>,
+    /// Scope of the current token as AWX granted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// The AWX user the token acts as, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// When the current token was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Time>,
+    /// When AWX says the current token expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the operator will renew the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_time: Option<Time>,
+    /// When the refresh token dies (AWX counts REFRESH_TOKEN_EXPIRE_SECONDS from its issue;
+    /// this assumes AWX's default of 2628000 s). Only with strategy Refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_at: Option<Time>,
+    /// Replaced tokens waiting for their grace period to end before revocation.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pending_revocations: u32,
+    /// The value of the awx-token-operator.io/rotate annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_for: Option<String>,
+    /// Consecutive failed attempts; reset by a success.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failed_attempts: u32,
+    /// When the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Why the last attempt failed. Never contains a secret value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_message: Option<String>,
+}
+
+/// Duration syntax accepted by renewal fields: one or more number+unit pairs (ms, s, m, h, d).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout_seconds() -> u32 {
+    30
+}
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+fn default_client_id_key() -> String {
+    "client_id".into()
+}
+fn default_client_secret_key() -> String {
+    "client_secret".into()
+}
+fn default_token_key() -> String {
+    "token".into()
+}
+fn default_host_key() -> String {
+    "host".into()
+}
+fn default_rotate_every() -> String {
+    "24h".into()
+}
+fn default_revoke_grace_period() -> String {
+    "5m".into()
+}
+fn default_verify_every() -> String {
+    "0s".into()
+}
+
+impl AwxToken {
+    /// Name of the Secret the token is written to.
+    pub fn secret_name(&self) -> String {
+        self.spec
+            .secret
+            .name
+            .clone()
+            .unwrap_or_else(|| kube::ResourceExt::name_any(self))
+    }
+}
+
+/// The CRD as YAML, exactly as committed under crds/. `without_cel` drops the
+/// x-kubernetes-validations rules for API servers older than 1.25, which reject them; the
+/// operator checks the same rules itself.
+pub fn crd_yaml(without_cel: bool) -> Result<String, serde_yaml::Error> {
+    let mut crd = serde_json::to_value(AwxToken::crd())
+        .map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+    if without_cel {
+        strip_key(&mut crd, "x-kubernetes-validations");
+    }
+    serde_yaml::to_string(&crd)
+}
+
+fn strip_key(value: &mut serde_json::Value, key: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove(key);
+            map.values_mut().for_each(|v| strip_key(v, key));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| strip_key(v, key)),
+        _ => {}
+    }
+}

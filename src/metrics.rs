@@ -1,0 +1,281 @@
+//! Prometheus metrics. Labels are bounded: no token ids, no URLs, no values.
+
+use std::{sync::atomic::AtomicU64, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::awx::RequestObserver;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub grant: &'static str,
+    pub flavor: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlavorLabels {
+    pub flavor: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AwxRequestLabels {
+    pub endpoint: &'static str,
+    /// 2xx, 3xx, 4xx, 5xx, or "error" when no HTTP answer came.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone)]
+pub struct LatencyHistogram;
+
+impl MetricConstructor<Histogram> for LatencyHistogram {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.005, 2.0, 14))
+    }
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub tokens_issued: Family<TokenLabels, Counter>,
+    pub tokens_renewed: Family<TokenLabels, Counter>,
+    pub tokens_revoked: Family<FlavorLabels, Counter>,
+    pub awx_requests: Family<AwxRequestLabels, Counter>,
+    pub awx_request_duration: Family<EndpointLabels, Histogram, LatencyHistogram>,
+    pub objects_in_backoff: Gauge,
+    pub token_expiry: Family<ObjectLabels, FloatGauge>,
+    pub token_renewal: Family<ObjectLabels, FloatGauge>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("awx_token_operator");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles of AwxTokens by result (ok, error)",
+            reconciles.clone(),
+        );
+        for result in ["ok", "error"] {
+            drop(reconciles.get_or_create(&ResultLabels { result }));
+        }
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by condition reason",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        let tokens_issued = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens_issued",
+            "Tokens obtained from AWX (first issue, re-issue or refresh)",
+            tokens_issued.clone(),
+        );
+        let tokens_renewed = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens_renewed",
+            "Tokens replaced before they expired or grew too old",
+            tokens_renewed.clone(),
+        );
+        let tokens_revoked = Family::<FlavorLabels, Counter>::default();
+        registry.register(
+            "tokens_revoked",
+            "Tokens revoked in AWX (verified dead)",
+            tokens_revoked.clone(),
+        );
+        let awx_requests = Family::<AwxRequestLabels, Counter>::default();
+        registry.register(
+            "awx_requests",
+            "HTTP requests sent to AWX by endpoint and status class",
+            awx_requests.clone(),
+        );
+        let awx_request_duration =
+            Family::<EndpointLabels, Histogram, LatencyHistogram>::new_with_constructor(
+                LatencyHistogram,
+            );
+        registry.register(
+            "awx_request_duration_seconds",
+            "Latency of HTTP requests to AWX by endpoint",
+            awx_request_duration.clone(),
+        );
+        let objects_in_backoff = Gauge::default();
+        registry.register(
+            "objects_in_backoff",
+            "AwxTokens waiting to retry after a failure",
+            objects_in_backoff.clone(),
+        );
+        let token_expiry = Family::<ObjectLabels, FloatGauge>::default();
+        registry.register(
+            "token_expiry_timestamp_seconds",
+            "When AWX says the current token of an AwxToken expires (unix seconds)",
+            token_expiry.clone(),
+        );
+        let token_renewal = Family::<ObjectLabels, FloatGauge>::default();
+        registry.register(
+            "token_renewal_timestamp_seconds",
+            "When the operator will renew the token of an AwxToken (unix seconds)",
+            token_renewal.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this process holds the leader lease (or runs without election)",
+            leader.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build_info);
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            tokens_issued,
+            tokens_renewed,
+            tokens_revoked,
+            awx_requests,
+            awx_request_duration,
+            objects_in_backoff,
+            token_expiry,
+            token_renewal,
+            leader,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records the schedule of one AwxToken (or forgets it with `None`).
+    pub fn set_schedule(&self, namespace: &str, name: &str, times: Option<(Option<f64>, f64)>) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match times {
+            Some((expiry, renewal)) => {
+                match expiry {
+                    Some(e) => {
+                        self.token_expiry.get_or_create(&labels).set(e);
+                    }
+                    None => {
+                        self.token_expiry.remove(&labels);
+                    }
+                }
+                self.token_renewal.get_or_create(&labels).set(renewal);
+            }
+            None => {
+                self.token_expiry.remove(&labels);
+                self.token_renewal.remove(&labels);
+            }
+        }
+    }
+}
+
+impl RequestObserver for Metrics {
+    fn observe(&self, endpoint: &'static str, status: Option<u16>, elapsed: Duration) {
+        let status = match status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            Some(_) => "other",
+            None => "error",
+        };
+        self.awx_requests
+            .get_or_create(&AwxRequestLabels { endpoint, status })
+            .inc();
+        self.awx_request_duration
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_prefix() {
+        let m = Metrics::new();
+        m.observe("token", Some(201), Duration::from_millis(20));
+        m.observe("me", None, Duration::from_millis(1));
+        m.set_schedule("apps", "ci-bot", Some((Some(2.0e9), 1.9e9)));
+        let text = m.render();
+        for needle in [
+            "awx_token_operator_reconciles_total",
+            "awx_token_operator_awx_requests_total{endpoint=\"token\",status=\"2xx\"} 1",
+            "awx_token_operator_awx_requests_total{endpoint=\"me\",status=\"error\"} 1",
+            "awx_token_operator_awx_request_duration_seconds_bucket",
+            "awx_token_operator_token_expiry_timestamp_seconds{namespace=\"apps\",name=\"ci-bot\"} 2000000000",
+            "awx_token_operator_token_renewal_timestamp_seconds{namespace=\"apps\",name=\"ci-bot\"} 1900000000",
+            "awx_token_operator_build_info{version=",
+            "awx_token_operator_leader",
+            "awx_token_operator_objects_in_backoff",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        m.set_schedule("apps", "ci-bot", None);
+        assert!(!m.render().contains("name=\"ci-bot\""));
+    }
+}

@@ -1,0 +1,199 @@
+//! What the operator must remember about the tokens of one AwxToken between reconciles and
+//! across restarts: the current token (so it can be refreshed, verified and revoked) and the
+//! replaced tokens waiting out their grace period. It lives in an operator-owned Secret,
+//! never in status.
+
+use std::fmt;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::awx::{Flavor, TokenKind, TokenToRevoke};
+
+/// A secret string that serialises as itself (it is stored in a Secret) but never prints.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Sensitive(String);
+
+impl Sensitive {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn to_secret(&self) -> secrecy::SecretString {
+        secrecy::SecretString::from(self.0.clone())
+    }
+}
+
+impl fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Everything kept about one AwxToken's tokens.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<HeldToken>,
+    /// Replaced tokens, revoked once their grace period is over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringToken>,
+}
+
+/// The token currently in the target Secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldToken {
+    pub access_token: Sensitive,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<u64>,
+    pub personal: bool,
+    pub gateway: bool,
+    pub scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub issued_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_issued_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    pub renewal_time: Timestamp,
+    /// Fingerprint of everything the token was issued from (URL, grant, credentials); a
+    /// change means the token must be re-issued.
+    pub inputs: String,
+}
+
+/// A replaced token waiting to be revoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringToken {
+    pub access_token: Sensitive,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<u64>,
+    pub personal: bool,
+    pub gateway: bool,
+    /// Not revoked before this time: pods may still be using it.
+    pub revoke_after: Timestamp,
+    #[serde(default)]
+    pub failed_attempts: u32,
+}
+
+impl HeldToken {
+    pub fn flavor(&self) -> Flavor {
+        if self.gateway {
+            Flavor::Gateway
+        } else {
+            Flavor::Controller
+        }
+    }
+
+    /// This token as a replaced one, revocable after `revoke_after`.
+    pub fn retire(&self, revoke_after: Timestamp) -> RetiringToken {
+        RetiringToken {
+            access_token: self.access_token.clone(),
+            refresh_token: self.refresh_token.clone(),
+            token_id: self.token_id,
+            personal: self.personal,
+            gateway: self.gateway,
+            revoke_after,
+            failed_attempts: 0,
+        }
+    }
+}
+
+impl RetiringToken {
+    pub fn flavor(&self) -> Flavor {
+        if self.gateway {
+            Flavor::Gateway
+        } else {
+            Flavor::Controller
+        }
+    }
+
+    pub fn to_revoke(&self) -> TokenToRevoke {
+        TokenToRevoke {
+            access_token: self.access_token.to_secret(),
+            refresh_token: self.refresh_token.as_ref().map(Sensitive::to_secret),
+            token_id: self.token_id,
+            kind: if self.personal {
+                TokenKind::Personal
+            } else {
+                TokenKind::Application
+            },
+        }
+    }
+}
+
+/// Key of the state Secret holding the JSON document.
+pub const STATE_KEY: &str = "state.json";
+
+impl TokenState {
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Earliest time a retiring token may be revoked.
+    pub fn next_revocation(&self) -> Option<Timestamp> {
+        self.retiring.iter().map(|r| r.revoke_after).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held() -> HeldToken {
+        HeldToken {
+            access_token: Sensitive::new("AccessValue123"),
+            refresh_token: Some(Sensitive::new("RefreshValue456")),
+            token_id: None,
+            personal: false,
+            gateway: false,
+            scope: "write".into(),
+            user: Some("bot".into()),
+            issued_at: Timestamp::from_second(1_700_000_000).unwrap(),
+            refresh_issued_at: None,
+            expires_at: None,
+            renewal_time: Timestamp::from_second(1_700_086_400).unwrap(),
+            inputs: "abc".into(),
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_debug_redacts() {
+        let mut state = TokenState {
+            current: Some(held()),
+            retiring: vec![],
+        };
+        state
+            .retiring
+            .push(held().retire(Timestamp::from_second(1_700_000_300).unwrap()));
+        let bytes = state.encode();
+        assert_eq!(TokenState::decode(&bytes).unwrap(), state);
+        let debug = format!("{state:?}");
+        assert!(!debug.contains("AccessValue123") && !debug.contains("RefreshValue456"));
+        assert_eq!(
+            state.next_revocation(),
+            Some(Timestamp::from_second(1_700_000_300).unwrap())
+        );
+    }
+
+    #[test]
+    fn garbage_state_is_an_error_not_a_panic() {
+        assert!(TokenState::decode(b"{not json").is_err());
+        assert_eq!(TokenState::decode(b"{}").unwrap(), TokenState::default());
+    }
+}

@@ -1,0 +1,712 @@
+"""Tests of the AWX stand-in against AWX_PROTOCOL.md.
+
+Run: tests/awx-standin/standin.sh test [-x -q ...]
+Servers: STANDIN_URL (any mode, found from /_standin/health) or STANDIN_AWX_URL,
+STANDIN_GATEWAY_URL, STANDIN_GENERIC_URL; every mode not given is started with standin.sh.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SH = os.path.join(HERE, "standin.sh")
+AWX_401 = {"detail": "Authentication credentials were not provided. To establish a login session, visit /api/login/."}
+AWX_WWW = "Bearer realm=api authorization_url=/api/o/authorize/"
+EXTERNAL = ("(access_denied) OAuth2 Tokens cannot be created by users associated with an "
+            "external authentication provider (ldap)")
+
+
+def sha(v):
+    return hashlib.sha256(v.encode()).hexdigest()
+
+
+def uniq(prefix):
+    return "%s-%s" % (prefix, uuid.uuid4().hex[:8])
+
+
+def start(run_dir, mode, *extra):
+    out = subprocess.run([SH, "start", str(run_dir), "--mode", mode, *extra], check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=600)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def stop(run_dir):
+    subprocess.run([SH, "stop", str(run_dir)], check=True, timeout=60)
+
+
+class Server:
+    def __init__(self, url, mode, run_dir=None):
+        self.url, self.mode, self.run_dir = url.rstrip("/"), mode, run_dir
+        self.token_path = "/o/token/" if mode == "gateway" else "/api/o/token/"
+        self.revoke_path = "/o/revoke_token/" if mode == "gateway" else "/api/o/revoke_token/"
+        self.api = "/api/gateway/v1/" if mode == "gateway" else "/api/v2/"
+        self.ok = 201 if mode == "gateway" else 200
+
+    def ctl(self, method, path, payload=None, **kw):
+        r = requests.request(method, self.url + "/_standin/" + path, json=payload, timeout=30, **kw)
+        assert r.status_code < 300, r.text
+        return r.json()
+
+    def get(self, path, **kw):
+        kw.setdefault("timeout", 30)
+        return requests.get(self.url + path, **kw)
+
+    def post(self, path, **kw):
+        kw.setdefault("timeout", 30)
+        return requests.post(self.url + path, **kw)
+
+    def delete(self, path, **kw):
+        kw.setdefault("timeout", 30)
+        return requests.delete(self.url + path, **kw)
+
+    def user(self, external=False, superuser=False):
+        name, pw = uniq("user"), uniq("pw")
+        self.ctl("POST", "users", {"username": name, "password": pw, "external": external, "superuser": superuser})
+        return name, pw
+
+    def app(self, grant="password", client_type="confidential", owner=None):
+        out = self.ctl("POST", "applications", {"name": uniq("app"), "client_type": client_type,
+                                                 "grant_type": grant, "user": owner})
+        return out
+
+    def password_grant(self, app, user, pw, **extra):
+        data = {"grant_type": "password", "username": user, "password": pw, **extra}
+        return self.post(self.token_path, data=data, auth=(app["client_id"], app["client_secret"]))
+
+    def refresh(self, app, refresh_token):
+        return self.post(self.token_path, data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+                         auth=(app["client_id"], app["client_secret"]))
+
+    def me(self, token):
+        return self.get(self.api + "me/", headers={"Authorization": "Bearer " + token})
+
+    def live(self, **params):
+        return self.ctl("GET", "tokens", params=params)
+
+
+def _server(mode, tmp_path_factory):
+    url = os.environ.get("STANDIN_%s_URL" % mode.upper())
+    if not url and os.environ.get("STANDIN_URL"):
+        any_url = os.environ["STANDIN_URL"].rstrip("/")
+        if requests.get(any_url + "/_standin/health", timeout=10).json()["mode"] == mode:
+            url = any_url
+    if url:
+        return Server(url, mode), None
+    run = tmp_path_factory.mktemp("standin-" + mode)
+    return Server(start(run, mode), mode, run), run
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    made, started = {}, []
+
+    def get(mode):
+        if mode not in made:
+            made[mode], run = _server(mode, tmp_path_factory)
+            if run is not None:
+                started.append(run)
+        return made[mode]
+    yield get
+    for run in started:
+        stop(run)
+
+
+@pytest.fixture
+def awx(servers):
+    s = servers("awx")
+    yield s
+    s.ctl("DELETE", "faults")
+    s.ctl("DELETE", "settings")
+
+
+@pytest.fixture
+def gw(servers):
+    s = servers("gateway")
+    yield s
+    s.ctl("DELETE", "faults")
+    s.ctl("DELETE", "settings")
+
+
+@pytest.fixture
+def generic(servers):
+    s = servers("generic")
+    yield s
+    s.ctl("DELETE", "faults")
+    s.ctl("DELETE", "settings")
+
+
+@pytest.fixture
+def setup(awx):
+    """A user, a confidential password app and a password-grant token on the awx server."""
+    user, pw = awx.user()
+    app = awx.app()
+    r = awx.password_grant(app, user, pw)
+    assert r.status_code == 200, r.text
+    return dict(user=user, pw=pw, app=app, tok=r.json())
+
+
+# ---------------------------------------------------------------- /api/o/token/
+
+def test_password_grant_and_me(awx, setup):
+    r = awx.password_grant(setup["app"], setup["user"], setup["pw"])
+    assert r.status_code == 200
+    assert r.headers["Cache-Control"] == "no-store" and r.headers["Pragma"] == "no-cache"
+    assert r.headers["Content-Type"] == "application/json"
+    t = r.json()
+    assert set(t) == {"access_token", "expires_in", "token_type", "scope", "refresh_token"}
+    assert t["token_type"] == "Bearer" and t["expires_in"] == 31536000000 and t["scope"] == "read write"
+    assert len(t["access_token"]) == 30 and t["access_token"].isalnum()
+    me = awx.me(t["access_token"])
+    assert me.status_code == 200
+    body = me.json()
+    assert body["count"] == 1 and body["results"][0]["username"] == setup["user"]
+    assert body["results"][0]["type"] == "user"
+    # scope given explicitly, read-only
+    r = awx.password_grant(setup["app"], setup["user"], setup["pw"], scope="read")
+    assert r.status_code == 200 and r.json()["scope"] == "read"
+
+
+def test_api_roots(awx, gw):
+    assert awx.get("/api/").json()["oauth2"] == "/api/o/"
+    assert awx.get("/api/o/").json() == {"authorize": "/api/o/authorize/", "token": "/api/o/token/",
+                                         "revoke_token": "/api/o/revoke_token/"}
+    assert awx.get("/api/gateway/v1/").status_code == 404
+    assert gw.get("/api/gateway/v1/").status_code == 200
+    assert gw.get("/api/o/").status_code == 404
+    assert gw.post("/api/o/token/", data={"grant_type": "password"}).status_code == 404
+    assert awx.get("/api/o/token/").status_code == 405
+
+
+def test_json_body_gives_unsupported_grant_type(awx, setup):
+    app = setup["app"]
+    r = awx.post("/api/o/token/", json={"grant_type": "password", "username": setup["user"], "password": setup["pw"]},
+                 auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 400 and r.json() == {"error": "unsupported_grant_type"}
+
+
+def test_query_string_gives_500(awx, setup):
+    app = setup["app"]
+    r = awx.post("/api/o/token/?scope=write", data={"grant_type": "password", "username": setup["user"],
+                                                      "password": setup["pw"]},
+                 auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 500
+
+
+def test_bad_client(awx, setup):
+    app = setup["app"]
+    for auth in [(app["client_id"], "wrong"), ("nope", "nope"), (setup["user"], setup["pw"])]:
+        r = awx.post("/api/o/token/", data={"grant_type": "password", "username": setup["user"],
+                                            "password": setup["pw"]}, auth=auth)
+        assert r.status_code == 401
+        assert r.json() == {"error": "invalid_client"}
+        assert r.headers["WWW-Authenticate"] == 'Bearer error="invalid_client"'
+    # client credentials in the form work too
+    r = awx.post("/api/o/token/", data={"grant_type": "password", "username": setup["user"], "password": setup["pw"],
+                                        "client_id": app["client_id"], "client_secret": app["client_secret"]})
+    assert r.status_code == 200
+
+
+def test_public_client(awx):
+    user, pw = awx.user()
+    app = awx.app(client_type="public")
+    assert app["client_secret"] is None
+    r = awx.post("/api/o/token/", data={"grant_type": "password", "username": user, "password": pw,
+                                        "client_id": app["client_id"]})
+    assert r.status_code == 200
+
+
+def test_wrong_password_and_missing_parameter(awx, setup):
+    r = awx.password_grant(setup["app"], setup["user"], "wrong")
+    assert r.status_code == 400
+    assert r.json() == {"error": "invalid_grant", "error_description": "Invalid credentials given."}
+    app = setup["app"]
+    r = awx.post("/api/o/token/", data={"grant_type": "password", "username": setup["user"]},
+                 auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 400
+    assert r.json() == {"error": "invalid_request", "error_description": "Request is missing password parameter."}
+    r = awx.password_grant(setup["app"], setup["user"], setup["pw"], scope="admin")
+    assert r.status_code == 400 and r.json()["error"] == "invalid_scope"
+    r = awx.password_grant(setup["app"], setup["user"], setup["pw"], grant_type="magic")
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
+
+
+def test_client_credentials_refused_by_awx_and_gateway(awx, gw):
+    for s in (awx, gw):
+        app = s.app()
+        r = s.post(s.token_path, data={"grant_type": "client_credentials"}, auth=(app["client_id"], app["client_secret"]))
+        assert r.status_code == 400 and r.json() == {"error": "unauthorized_client"}
+        user, _ = s.user()
+        r = requests.post(s.url + "/_standin/applications", json={"name": uniq("cc"), "client_type": "confidential",
+                                                                  "grant_type": "client-credentials", "user": user})
+        assert r.status_code == 400
+
+
+def test_generic_client_credentials(generic):
+    owner, pw = generic.user()
+    app = generic.app(grant="client-credentials", owner=owner)
+    r = generic.post("/api/o/token/", data={"grant_type": "client_credentials"},
+                     auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 200, r.text
+    t = r.json()
+    assert "refresh_token" not in t and t["scope"] == "read write"
+    me = generic.me(t["access_token"])
+    assert me.status_code == 200 and me.json()["results"][0]["username"] == owner
+    live = generic.live(user=owner)["access_tokens"]
+    assert [a["sha256"] for a in live] == [sha(t["access_token"])]
+    # password apps work as on AWX
+    papp = generic.app()
+    assert generic.password_grant(papp, owner, pw).status_code == 200
+
+
+# ---------------------------------------------------------------- refresh
+
+def test_refresh_rotation(awx, setup):
+    app, tok = setup["app"], setup["tok"]
+    awx.ctl("DELETE", "requests")
+    r = awx.refresh(app, tok["refresh_token"])
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    new = r.json()
+    assert new["access_token"] != tok["access_token"] and new["refresh_token"] != tok["refresh_token"]
+    assert new["scope"] == "read write"
+    old = awx.me(tok["access_token"])
+    assert old.status_code == 401 and old.json() == AWX_401 and old.headers["WWW-Authenticate"] == AWX_WWW
+    assert awx.me(new["access_token"]).status_code == 200
+    again = awx.refresh(app, tok["refresh_token"])
+    assert again.status_code == 400 and again.json() == {"error": "invalid_grant"}
+    log = awx.ctl("GET", "requests")["requests"]
+    assert [(e["grant_type"], e["status"], e["error"]) for e in log if e["path"] == "/api/o/token/"] == [
+        ("refresh_token", 200, None), ("refresh_token", 400, "invalid_grant")]
+    live = awx.live(user=setup["user"])
+    assert [a["sha256"] for a in live["access_tokens"]] == [sha(new["access_token"])]
+    rts = {r["sha256"]: r for r in live["refresh_tokens"]}
+    assert rts[sha(tok["refresh_token"])]["revoked"] is True
+    assert rts[sha(new["refresh_token"])]["revoked"] is False
+    # narrowing the scope works, widening does not
+    r = awx.post("/api/o/token/", data={"grant_type": "refresh_token", "refresh_token": new["refresh_token"],
+                                        "scope": "read"}, auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 200 and r.json()["scope"] == "read"
+    r = awx.post("/api/o/token/", data={"grant_type": "refresh_token", "refresh_token": r.json()["refresh_token"],
+                                        "scope": "read write"}, auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 400 and r.json()["error"] == "invalid_scope"
+
+
+def test_refresh_needs_the_same_client(awx, setup):
+    other = awx.app()
+    r = awx.refresh(other, setup["tok"]["refresh_token"])
+    assert r.status_code == 400 and r.json() == {"error": "invalid_grant"}
+    r = awx.post("/api/o/token/", data={"grant_type": "refresh_token", "refresh_token": setup["tok"]["refresh_token"]})
+    assert r.status_code == 401 and r.json() == {"error": "invalid_client"}
+
+
+def test_concurrent_refresh_only_one_wins(awx, setup):
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(lambda _: awx.refresh(setup["app"], setup["tok"]["refresh_token"]), range(8)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200] + [400] * 7
+    assert all(r.json() == {"error": "invalid_grant"} for r in results if r.status_code == 400)
+
+
+def test_refresh_token_expiry(awx, setup):
+    awx.ctl("PUT", "settings", {"refresh_token_expire_seconds": 1})
+    time.sleep(2.1)
+    r = awx.refresh(setup["app"], setup["tok"]["refresh_token"])
+    assert r.status_code == 403
+    assert r.headers["Content-Type"].startswith("text/html")
+    assert r.text == "The refresh token has expired."
+    # the access token itself lives on
+    assert awx.me(setup["tok"]["access_token"]).status_code == 200
+
+
+def test_access_token_expiry(awx, setup):
+    awx.ctl("PUT", "settings", {"access_token_expire_seconds": 1})
+    r = awx.password_grant(setup["app"], setup["user"], setup["pw"])
+    assert r.status_code == 200 and r.json()["expires_in"] == 1
+    t = r.json()["access_token"]
+    time.sleep(1.2)
+    r = awx.me(t)
+    assert r.status_code == 401 and r.json() == AWX_401 and r.headers["WWW-Authenticate"] == AWX_WWW
+    assert sha(t) not in [a["sha256"] for a in awx.live(user=setup["user"])["access_tokens"]]
+
+
+def test_delete_leaves_refresh_token_which_then_gives_500(awx, setup):
+    tok = setup["tok"]
+    listed = awx.get("/api/v2/tokens/", auth=(setup["user"], setup["pw"])).json()["results"]
+    tid = listed[0]["id"]
+    assert awx.delete("/api/v2/tokens/%d/" % tid, auth=(setup["user"], setup["pw"])).status_code == 204
+    assert awx.me(tok["access_token"]).status_code == 401
+    rts = awx.live(user=setup["user"])["refresh_tokens"]
+    assert rts[0]["revoked"] is False and rts[0]["access_token_id"] is None
+    assert awx.refresh(setup["app"], tok["refresh_token"]).status_code == 500
+
+
+# ---------------------------------------------------------------- external users
+
+def test_external_user_refused(awx):
+    user, pw = awx.user(external=True)
+    app = awx.app()
+    r = awx.password_grant(app, user, pw)
+    assert r.status_code == 403 and r.headers["Content-Type"].startswith("text/html")
+    assert r.text == EXTERNAL
+    r = awx.post("/api/v2/tokens/", json={}, auth=(user, pw))
+    assert r.status_code == 403 and r.json() == {"detail": EXTERNAL}
+    r = awx.post("/api/v2/users/%s/personal_tokens/" % user, json={}, auth=(user, pw))
+    assert r.status_code == 403
+    assert awx.live(user=user)["access_tokens"] == []
+    # Basic auth itself works for them (AWX's LDAP backend)
+    me = awx.get("/api/v2/me/", auth=(user, pw)).json()["results"][0]
+    assert me["external_account"] == "ldap"
+
+
+# ---------------------------------------------------------------- REST tokens
+
+def test_personal_token_lifecycle(awx):
+    user, pw = awx.user()
+    r = awx.post("/api/v2/users/%s/personal_tokens/" % user, json={"description": "AwxToken ns/a"}, auth=(user, pw))
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert r.headers["Location"] == "/api/v2/tokens/%d/" % t["id"]
+    for k in ("id", "type", "url", "related", "summary_fields", "created", "modified", "description", "user",
+              "token", "refresh_token", "application", "expires", "scope"):
+        assert k in t
+    assert t["type"] == "o_auth2_access_token" and t["scope"] == "write" and t["application"] is None
+    assert t["refresh_token"] is None and len(t["token"]) == 30 and t["description"] == "AwxToken ns/a"
+    assert t["summary_fields"]["user"]["username"] == user and "application" not in t["related"]
+    assert t["expires"].startswith("3") and t["expires"].endswith("Z")
+    g = awx.get("/api/v2/tokens/%d/" % t["id"], auth=(user, pw)).json()
+    assert g["token"] == "************" and g["refresh_token"] is None
+    lst = awx.get("/api/v2/users/%s/personal_tokens/" % user, auth=(user, pw)).json()
+    assert lst["count"] == 1 and lst["results"][0]["token"] == "************"
+    assert awx.me(t["token"]).json()["results"][0]["username"] == user
+    assert awx.delete("/api/v2/tokens/%d/" % t["id"], auth=(user, pw)).status_code == 204
+    r = awx.me(t["token"])
+    assert r.status_code == 401 and r.json() == AWX_401
+    assert awx.get("/api/v2/tokens/%d/" % t["id"], auth=(user, pw)).status_code == 404
+
+
+def test_rest_tokens_rules(awx, setup):
+    user, pw = setup["user"], setup["pw"]
+    # form body -> 415
+    r = awx.post("/api/v2/tokens/", data={"description": "x"}, auth=(user, pw))
+    assert r.status_code == 415
+    # bad credentials -> AWX's 401
+    r = awx.post("/api/v2/tokens/", json={}, auth=(user, "wrong"))
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == AWX_WWW
+    r = awx.get("/api/v2/tokens/")
+    assert r.status_code == 401 and r.json() == AWX_401
+    # bad scope -> 400
+    assert awx.post("/api/v2/tokens/", json={"scope": "read read"}, auth=(user, pw)).status_code == 400
+    # a read token: GET yes, create no, delete itself no
+    rd = awx.post("/api/v2/tokens/", json={"scope": "read"}, auth=(user, pw)).json()
+    hdr = {"Authorization": "Bearer " + rd["token"]}
+    assert awx.get("/api/v2/me/", headers=hdr).status_code == 200
+    r = awx.post("/api/v2/tokens/", json={}, headers=hdr)
+    assert r.status_code == 403 and r.json() == {"detail": "You do not have permission to perform this action."}
+    assert awx.delete("/api/v2/tokens/%d/" % rd["id"], headers=hdr).status_code == 403
+    # the password-grant token ("read write") can create, and a write token can delete itself
+    wr = awx.post("/api/v2/tokens/", json={}, headers={"Authorization": "Bearer " + setup["tok"]["access_token"]})
+    assert wr.status_code == 201
+    hdr = {"Authorization": "Bearer " + wr.json()["token"]}
+    assert awx.delete("/api/v2/tokens/%d/" % wr.json()["id"], headers=hdr).status_code == 204
+    assert awx.me(wr.json()["token"]).status_code == 401
+    # someone else's token: not deletable; a superuser may
+    other, opw = awx.user()
+    assert awx.delete("/api/v2/tokens/%d/" % rd["id"], auth=(other, opw)).status_code == 403
+    admin, apw = awx.user(superuser=True)
+    assert awx.delete("/api/v2/tokens/%d/" % rd["id"], auth=(admin, apw)).status_code == 204
+    # posting to another user's personal_tokens creates a token owned by the caller
+    r = awx.post("/api/v2/users/%s/personal_tokens/" % other, json={}, auth=(user, pw))
+    assert r.status_code == 201 and r.json()["summary_fields"]["user"]["username"] == user
+
+
+def test_application_token_via_rest(awx, setup):
+    user, pw, app = setup["user"], setup["pw"], setup["app"]
+    r = awx.post("/api/v2/tokens/", json={"application": app["id"], "scope": "read"}, auth=(user, pw))
+    assert r.status_code == 201
+    t = r.json()
+    assert len(t["refresh_token"]) == 30 and t["application"] == app["id"]
+    g = awx.get("/api/v2/tokens/%d/" % t["id"], auth=(user, pw)).json()
+    assert g["token"] == "************" and g["refresh_token"] == "************"
+    r = awx.refresh(app, t["refresh_token"])
+    assert r.status_code == 200 and r.json()["scope"] == "read"
+    assert awx.post("/api/v2/tokens/", json={"application": 99999}, auth=(user, pw)).status_code == 400
+
+
+def test_list_is_paginated(awx):
+    user, pw = awx.user()
+    for _ in range(3):
+        awx.post("/api/v2/tokens/", json={}, auth=(user, pw))
+    r = awx.get("/api/v2/tokens/?page_size=2", auth=(user, pw)).json()
+    assert r["count"] == 3 and len(r["results"]) == 2 and r["previous"] is None and "page=2" in r["next"]
+    r2 = awx.get(r["next"], auth=(user, pw)).json()
+    assert len(r2["results"]) == 1 and r2["next"] is None
+
+
+# ---------------------------------------------------------------- revoke_token
+
+def test_revoke_token(awx, setup):
+    app, tok = setup["app"], setup["tok"]
+    creds = (app["client_id"], app["client_secret"])
+    r = awx.post("/api/o/revoke_token/", data={"token": tok["access_token"]},
+                 headers={"Authorization": "Bearer " + tok["access_token"]})
+    assert r.status_code == 401 and r.json() == {"error": "invalid_client"}
+    r = awx.post("/api/o/revoke_token/", json={"token": tok["access_token"]}, auth=creds)
+    assert r.status_code == 400 and r.json() == {"error": "invalid_request", "error_description": "Missing token parameter."}
+    r = awx.post("/api/o/revoke_token/", data={"token": "unknown"}, auth=creds)
+    assert r.status_code == 200 and r.content == b""
+    # revoking the refresh token kills its access token
+    r = awx.post("/api/o/revoke_token/", data={"token": tok["refresh_token"], "token_type_hint": "refresh_token"},
+                 auth=creds)
+    assert r.status_code == 200 and r.content == b""
+    assert awx.me(tok["access_token"]).status_code == 401
+    assert awx.refresh(app, tok["refresh_token"]).json() == {"error": "invalid_grant"}
+    # an access token (by form credentials), and a PAT with any app's credentials
+    t2 = awx.password_grant(app, setup["user"], setup["pw"]).json()
+    r = awx.post("/api/o/revoke_token/", data={"token": t2["access_token"], "client_id": app["client_id"],
+                                               "client_secret": app["client_secret"]})
+    assert r.status_code == 200 and awx.me(t2["access_token"]).status_code == 401
+    pat = awx.post("/api/v2/tokens/", json={}, auth=(setup["user"], setup["pw"])).json()
+    assert awx.post("/api/o/revoke_token/", data={"token": pat["token"]}, auth=creds).status_code == 200
+    assert awx.me(pat["token"]).status_code == 401
+    assert awx.live(user=setup["user"])["access_tokens"] == []
+
+
+# ---------------------------------------------------------------- gateway
+
+def test_gateway(gw):
+    user, pw = gw.user()
+    app = gw.app()
+    r = gw.password_grant(app, user, pw)
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert t["expires_in"] == 31536000 and r.headers["Cache-Control"] == "no-store"
+    me = gw.me(t["access_token"])
+    assert me.status_code == 200 and me.json()["results"][0]["username"] == user
+    r = gw.refresh(app, t["refresh_token"])
+    assert r.status_code == 201
+    t2 = r.json()
+    dead = gw.me(t["access_token"])
+    assert dead.status_code == 401
+    assert dead.headers["WWW-Authenticate"].startswith('Bearer realm="api",error="invalid_token"')
+    assert gw.refresh(app, t["refresh_token"]).json() == {"error": "invalid_grant"}
+    # revoking with the plain token is a 200 that revokes nothing; the stored hash form works
+    creds = (app["client_id"], app["client_secret"])
+    r = gw.post("/o/revoke_token/", data={"token": t2["access_token"]}, auth=creds)
+    assert r.status_code == 200 and gw.me(t2["access_token"]).status_code == 200
+    r = gw.post("/o/revoke_token/", data={"token": "$sha256$" + sha(t2["access_token"])}, auth=creds)
+    assert r.status_code == 200 and gw.me(t2["access_token"]).status_code == 401
+    # the refresh token too, by its hash
+    r = gw.post("/o/revoke_token/", data={"token": "$sha256$" + sha(t2["refresh_token"])}, auth=creds)
+    assert gw.refresh(app, t2["refresh_token"]).status_code == 400
+    # personal tokens over REST
+    r = gw.post("/api/gateway/v1/tokens/", json={"description": "x"}, auth=(user, pw))
+    assert r.status_code == 201, r.text
+    p = r.json()
+    assert p["refresh_token"] is None and len(p["token"]) == 30 and p["scope"] == "write"
+    g = gw.get("/api/gateway/v1/tokens/%d/" % p["id"], auth=(user, pw)).json()
+    assert g["token"] == "$encrypted$"
+    assert [a["sha256"] for a in gw.live(user=user)["access_tokens"]] == [sha(p["token"])]
+    assert gw.me(p["token"]).status_code == 200
+    assert gw.delete("/api/gateway/v1/tokens/%d/" % p["id"], auth=(user, pw)).status_code == 204
+    assert gw.me(p["token"]).status_code == 401
+    # the rest as on AWX
+    assert gw.password_grant(app, user, "wrong").json()["error"] == "invalid_grant"
+    assert gw.post("/api/gateway/v1/tokens/", data={"x": "1"}, auth=(user, pw)).status_code == 415
+    r = gw.get("/api/gateway/v1/me/")
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="api"'
+    ext, epw = gw.user(external=True)
+    r = gw.password_grant(app, ext, epw)
+    assert r.status_code == 403 and r.text == EXTERNAL
+
+
+def test_gateway_refresh_expiry_and_query_string(gw):
+    user, pw = gw.user()
+    app = gw.app()
+    t = gw.password_grant(app, user, pw).json()
+    r = gw.post("/o/token/?x=1", data={"grant_type": "password", "username": user, "password": pw},
+                auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 400 and "URL query parameters are not allowed" in r.text
+    gw.ctl("PUT", "settings", {"refresh_token_expire_seconds": 1})
+    time.sleep(2.1)
+    r = gw.refresh(app, t["refresh_token"])
+    assert r.status_code == 403 and r.text == "The refresh token has expired."
+
+
+# ---------------------------------------------------------------- faults
+
+def test_faults(awx, setup):
+    app, user, pw = setup["app"], setup["user"], setup["pw"]
+    awx.ctl("PUT", "faults", {"mode": "status500", "paths": ["/api/o/token/"], "count": 1})
+    r = awx.password_grant(app, user, pw)
+    assert r.status_code == 500 and r.headers["Content-Type"].startswith("text/html")
+    assert awx.password_grant(app, user, pw).status_code == 200  # count used up
+    # paths filter: other paths unaffected; the control API never is
+    awx.ctl("PUT", "faults", {"mode": "status500", "paths": ["/api/o/token/"]})
+    assert awx.me(setup["tok"]["access_token"]).status_code == 200
+    assert awx.ctl("GET", "health")["status"] == "ok"
+    awx.ctl("PUT", "faults", {"mode": "html"})
+    r = awx.me(setup["tok"]["access_token"])
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html") and "<form" in r.text
+    awx.ctl("PUT", "faults", {"mode": "truncated"})
+    r = awx.password_grant(app, user, pw)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    with pytest.raises(ValueError):
+        json.loads(r.text)
+    awx.ctl("PUT", "faults", {"mode": "delay", "delay_seconds": 1.0, "count": 1})
+    t0 = time.time()
+    r = awx.password_grant(app, user, pw)
+    assert r.status_code == 200 and time.time() - t0 >= 1.0
+    awx.ctl("PUT", "faults", {"mode": "reset", "count": 1})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        awx.password_grant(app, user, pw)
+    awx.ctl("PUT", "faults", {"mode": "hang"})
+    t0 = time.time()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        awx.get("/api/v2/me/", timeout=1.0)
+    assert time.time() - t0 < 5
+    awx.ctl("DELETE", "faults")
+    assert awx.me(setup["tok"]["access_token"]).status_code == 200
+    log = awx.ctl("GET", "requests")["requests"]
+    assert any(e["fault"] == "reset" and e["status"] is None for e in log)
+
+
+def test_bad_fault_requests(awx):
+    for bad in ({"mode": "explode"}, {"mode": "delay", "count": 0}, {"mode": "delay", "paths": "/api/"}):
+        assert requests.put(awx.url + "/_standin/faults", json=bad, timeout=10).status_code == 400
+
+
+# ---------------------------------------------------------------- control API
+
+def test_requests_log(awx, setup):
+    awx.ctl("DELETE", "requests")
+    assert awx.ctl("GET", "requests")["requests"] == []
+    awx.password_grant(setup["app"], setup["user"], "wrong")
+    awx.me(setup["tok"]["access_token"])
+    awx.get("/api/v2/me/", auth=(setup["user"], setup["pw"]))
+    log = awx.ctl("GET", "requests")["requests"]
+    assert [(e["method"], e["path"], e["status"], e["grant_type"], e["user"], e["error"]) for e in log] == [
+        ("POST", "/api/o/token/", 400, "password", setup["user"], "invalid_grant"),
+        ("GET", "/api/v2/me/", 200, None, setup["user"], None),
+        ("GET", "/api/v2/me/", 200, None, setup["user"], None)]
+    assert log[0]["seq"] < log[1]["seq"] < log[2]["seq"] and log[0]["time"] <= log[2]["time"] <= time.time() + 1
+    later = awx.ctl("GET", "requests", params={"since": log[1]["seq"]})["requests"]
+    assert [e["seq"] for e in later] == [log[2]["seq"]]
+
+
+def test_tokens_listing_shows_exactly_the_live_ones(awx):
+    user, pw = awx.user()
+    app = awx.app()
+    t1 = awx.password_grant(app, user, pw).json()
+    t2 = awx.refresh(app, t1["refresh_token"]).json()
+    pat = awx.post("/api/v2/tokens/", json={"description": "d"}, auth=(user, pw)).json()
+    live = awx.live(user=user)
+    assert sorted(a["sha256"] for a in live["access_tokens"]) == sorted([sha(t2["access_token"]), sha(pat["token"])])
+    by_sha = {a["sha256"]: a for a in live["access_tokens"]}
+    assert by_sha[sha(pat["token"])]["application"] is None and by_sha[sha(pat["token"])]["description"] == "d"
+    assert by_sha[sha(t2["access_token"])]["application"] == app["name"]
+    assert by_sha[sha(t2["access_token"])]["scope"] == "read write"
+    assert {(r["sha256"], r["revoked"]) for r in live["refresh_tokens"]} == {
+        (sha(t1["refresh_token"]), True), (sha(t2["refresh_token"]), False)}
+    assert awx.live(user=user, application=app["name"])["access_tokens"] == [by_sha[sha(t2["access_token"])]]
+    assert awx.live(user="nobody-here")["access_tokens"] == []
+
+
+def test_control_api_validation(awx):
+    r = requests.post(awx.url + "/_standin/applications", json={"name": "x", "grant_type": "implicit"}, timeout=10)
+    assert r.status_code == 400
+    r = requests.put(awx.url + "/_standin/settings", json={"access_token_expire_seconds": "1"}, timeout=10)
+    assert r.status_code == 400
+    s = awx.ctl("GET", "settings")
+    assert s["access_token_expire_seconds"] == 31536000000 and s["refresh_token_expire_seconds"] == 2628000
+    assert awx.ctl("GET", "health")["mode"] == "awx"
+
+
+def test_fifty_concurrent_requests(awx, setup):
+    app, user, pw = setup["app"], setup["user"], setup["pw"]
+
+    def one(i):
+        if i % 2:
+            return awx.password_grant(app, user, pw).status_code
+        return awx.me(setup["tok"]["access_token"]).status_code
+    with ThreadPoolExecutor(50) as ex:
+        codes = list(ex.map(one, range(100)))
+    assert codes.count(200) == 100, codes
+
+
+# ---------------------------------------------------------------- process handling
+
+def test_restart_keeps_the_db_and_tls(tmp_path):
+    run = tmp_path / "run"
+    url = start(run, "awx")
+    port = int((run / "port").read_text())
+    assert url == "http://127.0.0.1:%d" % port == (run / "url").read_text().strip()
+    s = Server(url, "awx", run)
+    user, pw = s.user()
+    app = s.app()
+    t = s.password_grant(app, user, pw).json()
+    s.me(t["access_token"])
+    seq = s.ctl("GET", "requests")["requests"][-1]["seq"]
+    stop(run)
+    assert not (run / "pid").exists()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        s.me(t["access_token"])
+    assert start(run, "awx", "--port", str(port)) == url
+    assert s.me(t["access_token"]).status_code == 200
+    assert s.refresh(app, t["refresh_token"]).status_code == 200
+    assert s.ctl("GET", "requests", params={"since": seq})["requests"][0]["seq"] == seq + 1
+    # the server's own logs hold no token values or passwords
+    stop(run)
+    logs = "".join((run / f).read_text() for f in ("server.log", "access.log"))
+    assert "POST /api/o/token/ 200" in logs
+    for secret in (t["access_token"], t["refresh_token"], pw, app["client_secret"]):
+        assert secret not in logs
+    # TLS
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import datetime
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2)).sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    url = start(run, "gateway", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    requests.packages.urllib3.disable_warnings()
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        r = requests.get(url + "/api/gateway/v1/", verify=False, timeout=10)
+        assert r.status_code == 200
+        # same DB, other flavour: token values were stored plain by the awx run, so unknown here
+        assert requests.get(url + "/api/gateway/v1/me/", auth=(user, pw), verify=False, timeout=10).status_code == 200
+    finally:
+        stop(run)
+
+
+def test_stop_is_quick_with_a_hung_request(tmp_path):
+    run = tmp_path / "run"
+    s = Server(start(run, "awx"), "awx", run)
+    s.ctl("PUT", "faults", {"mode": "hang"})
+    def hung():
+        try:
+            s.get("/api/", timeout=30)
+        except requests.exceptions.RequestException:
+            pass
+    th = threading.Thread(target=hung, daemon=True)
+    th.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    stop(run)
+    assert time.time() - t0 < 15
+    th.join(20)

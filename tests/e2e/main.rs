@@ -1,0 +1,131 @@
+//! End-to-end suite: the real operator binary against a real kube-apiserver and
+//! controller-manager and a real OAuth2 server behaving like AWX, all on loopback.
+//!
+//! A custom harness (harness = false) so the environment is started once and always stopped,
+//! and scenarios run concurrently, each in its own namespace with its own operator process.
+//! `cargo test --test e2e [FILTER]` runs the scenarios whose name contains FILTER.
+
+#[macro_use]
+mod support;
+mod scenarios;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream};
+use support::{Env, TestResult};
+
+type Scenario =
+    fn(Arc<Env>) -> std::pin::Pin<Box<dyn std::future::Future<Output = TestResult> + Send>>;
+
+macro_rules! scenario {
+    ($f:path) => {
+        (stringify!($f), (|env| Box::pin($f(env))) as Scenario)
+    };
+}
+
+fn all() -> Vec<(&'static str, Scenario)> {
+    use scenarios::*;
+    vec![
+        scenario!(password_grant_issues_a_working_token),
+        scenario!(personal_access_token_is_issued_and_counted),
+        scenario!(client_credentials_against_generic_oauth2),
+        scenario!(client_credentials_refused_by_awx_with_a_clear_message),
+        scenario!(gateway_flavor_is_detected_and_used),
+        scenario!(renewal_by_age_is_make_before_break),
+        scenario!(refresh_strategy_keeps_the_chain_alive),
+        scenario!(forced_rotation_and_suspend),
+        scenario!(credentials_change_reissues_for_the_new_user),
+        scenario!(wrong_password_fails_without_hot_loop_and_keeps_secret),
+        scenario!(awx_down_then_back_recovers),
+        scenario!(delete_revokes_and_secret_follows_policy),
+        scenario!(operator_restarts_converge_without_leaks),
+        scenario!(invalid_spec_and_conflicts_are_reported),
+        scenario!(metrics_and_health_endpoints),
+        scenario!(awx_faults_give_clear_conditions_and_recover),
+        scenario!(external_user_is_refused_with_a_clear_message),
+        scenario!(expired_refresh_token_falls_back_to_the_grant),
+    ]
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<_> = all()
+        .into_iter()
+        .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    if std::env::args().any(|a| a == "--list") {
+        for (name, _) in &selected {
+            println!("{name}: test");
+        }
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(run(selected));
+    std::process::exit(code);
+}
+
+async fn run(selected: Vec<(&'static str, Scenario)>) -> i32 {
+    let started = Instant::now();
+    let env = match Env::start().await {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("e2e environment failed to start: {e}");
+            println!("e2e: 0 passed, 1 failed");
+            return 1;
+        }
+    };
+    println!("running {} end-to-end scenarios", selected.len());
+    let concurrency: usize = std::env::var("AWXTO_E2E_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let results: Vec<(&str, TestResult, Duration)> = stream::iter(selected)
+        .map(|(name, f)| {
+            let env = env.clone();
+            async move {
+                let t0 = Instant::now();
+                let outcome =
+                    tokio::time::timeout(Duration::from_secs(300), tokio::spawn(f(env))).await;
+                let result = match outcome {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(join)) => Err(format!("panicked: {join}")),
+                    Err(_) => Err("timed out after 300 s".into()),
+                };
+                let took = t0.elapsed();
+                match &result {
+                    Ok(()) => println!("test {name} ... ok ({:.1}s)", took.as_secs_f64()),
+                    Err(e) => println!(
+                        "test {name} ... FAILED ({:.1}s)\n    {e}",
+                        took.as_secs_f64()
+                    ),
+                }
+                (name, result, took)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+
+    // Run last, over everything every operator logged during the suite.
+    let leak = scenarios::operator_logs_contain_no_secret(&env);
+    match &leak {
+        Ok(()) => println!("test operator_logs_contain_no_secret ... ok"),
+        Err(e) => println!("test operator_logs_contain_no_secret ... FAILED\n    {e}"),
+    }
+    env.stop();
+
+    let failed = results.iter().filter(|(_, r, _)| r.is_err()).count() + usize::from(leak.is_err());
+    let passed = results.len() + 1 - failed;
+    println!("\ne2e finished in {:.1}s", started.elapsed().as_secs_f64());
+    println!("e2e: {passed} passed, {failed} failed");
+    i32::from(failed > 0)
+}

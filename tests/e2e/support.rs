@@ -1,0 +1,675 @@
+//! The end-to-end environment: a real kube-apiserver (+ controller-manager) and AWX stand-ins
+//! on loopback, operator processes, and helpers to drive and observe them.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    future::Future,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{Api, Client, api::PostParams};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub type TestResult = Result<(), String>;
+
+/// Fails the scenario with a message (scenarios return `TestResult`).
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($msg)+)));
+        }
+    };
+}
+
+#[macro_export]
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($msg:tt)+) => {
+        let (l, r) = (&$left, &$right);
+        if l != r {
+            return Err(format!("{}:{}: {}: {:?} != {:?}", file!(), line!(), format!($($msg)+), l, r));
+        }
+    };
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub struct Env {
+    pub run_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub tools_bin: PathBuf,
+    pub operator_bin: PathBuf,
+    pub client: Client,
+    /// Set when this process started the environment (and so must stop it).
+    owned: bool,
+    /// Every secret value the tests saw (tokens, passwords, client secrets): none may appear
+    /// in any operator log.
+    pub secrets_seen: Mutex<BTreeSet<String>>,
+    /// Operator log files, for the leak check.
+    pub operator_logs: Mutex<Vec<PathBuf>>,
+    /// Shared stand-ins by mode.
+    standins: Mutex<Vec<(String, Arc<Standin>)>>,
+}
+
+impl Env {
+    /// Uses the environment of tests/env/with-env.sh when present, else starts one.
+    pub async fn start() -> Result<Arc<Env>, String> {
+        let (run_dir, owned) = match std::env::var("AWXTO_TEST_RUN_DIR") {
+            Ok(dir) if Path::new(&dir).join("kubeconfig").exists() => (PathBuf::from(dir), false),
+            _ => {
+                let dir = tempdir("awxto-e2e")?;
+                let status = Command::new("bash")
+                    .arg(repo_root().join("tests/env/up.sh"))
+                    .arg(&dir)
+                    .status()
+                    .map_err(|e| format!("cannot run tests/env/up.sh: {e}"))?;
+                if !status.success() {
+                    return Err(format!("tests/env/up.sh failed ({status})"));
+                }
+                (dir, true)
+            }
+        };
+        let kubeconfig = run_dir.join("kubeconfig");
+        let tools_bin = match std::env::var("AWXTO_TOOLS_BIN") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => PathBuf::from(
+                sh_output(&format!(
+                    "bash {}/tests/env/tools-bin.sh",
+                    repo_root().display()
+                ))?
+                .lines()
+                .last()
+                .unwrap_or_default(),
+            ),
+        };
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).map_err(|e| e.to_string())?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let client = Client::try_from(config).map_err(|e| e.to_string())?;
+        let env = Arc::new(Env {
+            run_dir,
+            kubeconfig,
+            tools_bin,
+            operator_bin: PathBuf::from(env!("CARGO_BIN_EXE_awx-token-operator")),
+            client,
+            owned,
+            secrets_seen: Mutex::default(),
+            operator_logs: Mutex::default(),
+            standins: Mutex::default(),
+        });
+        env.install_crd()?;
+        Ok(env)
+    }
+
+    /// Applies the CRD (without CEL: the test API server is 1.20) and restarts the
+    /// controller-manager so its garbage collector knows the new type at once.
+    fn install_crd(&self) -> TestResult {
+        let crd = Command::new(&self.operator_bin)
+            .args(["crd", "--without-cel"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        ensure!(crd.status.success(), "crd command failed");
+        self.kubectl_stdin(&["apply", "-f", "-"], &String::from_utf8_lossy(&crd.stdout))?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/awxtokens.awx-token-operator.io",
+            "--timeout=30s",
+        ])?;
+        let status = Command::new("bash")
+            .arg(repo_root().join("tests/env/cluster.sh"))
+            .args(["restart-kcm"])
+            .arg(&self.run_dir)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
+        ensure!(status.success(), "restart-kcm failed");
+        Ok(())
+    }
+
+    pub fn stop(&self) {
+        for (_, s) in self.standins.lock().unwrap().drain(..) {
+            s.stop();
+        }
+        if self.owned {
+            let _ = Command::new("bash")
+                .arg(repo_root().join("tests/env/down.sh"))
+                .arg(&self.run_dir)
+                .status();
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        self.kubectl_stdin(args, "")
+    }
+
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String, String> {
+        let mut child = Command::new(self.tools_bin.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("kubectl: {e}"))?;
+        if let Some(mut input) = child.stdin.take() {
+            input
+                .write_all(stdin.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// A fresh namespace for one scenario.
+    pub async fn namespace(&self, name: &str) -> Result<String, String> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .map_err(|e| format!("create namespace {name}: {e}"))?;
+        Ok(name.to_string())
+    }
+
+    /// The shared stand-in of a mode (awx, gateway, generic), started on first use.
+    pub fn standin(&self, mode: &str) -> Result<Arc<Standin>, String> {
+        let mut standins = self.standins.lock().unwrap();
+        if let Some((_, s)) = standins.iter().find(|(m, _)| m == mode) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Standin::start(
+            &self.run_dir.join(format!("standin-{mode}")),
+            mode,
+        )?);
+        standins.push((mode.to_string(), s.clone()));
+        Ok(s)
+    }
+
+    /// A stand-in of its own, for scenarios that change lifetimes or take AWX down.
+    pub fn private_standin(&self, name: &str, mode: &str) -> Result<Arc<Standin>, String> {
+        let s = Arc::new(Standin::start(
+            &self.run_dir.join(format!("standin-{name}")),
+            mode,
+        )?);
+        self.standins
+            .lock()
+            .unwrap()
+            .push((format!("private-{name}"), s.clone()));
+        Ok(s)
+    }
+
+    pub fn remember_secret(&self, value: &str) {
+        if value.len() >= 8 {
+            self.secrets_seen.lock().unwrap().insert(value.to_string());
+        }
+    }
+
+    pub fn start_operator(&self, namespace: &str, extra: &[&str]) -> Result<Operator, String> {
+        let log = self.run_dir.join(format!(
+            "operator-{namespace}-{}.log",
+            self.operator_logs.lock().unwrap().len()
+        ));
+        self.operator_logs.lock().unwrap().push(log.clone());
+        Operator::start(self, namespace, extra, log)
+    }
+
+    pub async fn secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, String> {
+        Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The value under `key` of a Secret, recorded for the leak check.
+    pub async fn secret_value(
+        &self,
+        ns: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<String>, String> {
+        let Some(secret) = self.secret(ns, name).await? else {
+            return Ok(None);
+        };
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned());
+        if let Some(v) = &value {
+            self.remember_secret(v);
+        }
+        Ok(value)
+    }
+
+    pub async fn awx_token(&self, ns: &str, name: &str) -> Result<Option<Value>, String> {
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &kube::api::ApiResource {
+                group: "awx-token-operator.io".into(),
+                version: "v1alpha1".into(),
+                api_version: "awx-token-operator.io/v1alpha1".into(),
+                kind: "AwxToken".into(),
+                plural: "awxtokens".into(),
+            },
+        );
+        match api.get_opt(name).await {
+            Ok(Some(o)) => Ok(Some(serde_json::to_value(o).map_err(|e| e.to_string())?)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Creates a Secret with string data.
+    pub fn credentials(&self, ns: &str, name: &str, data: &[(&str, &str)]) -> TestResult {
+        for (_, v) in data {
+            self.remember_secret(v);
+        }
+        let string_data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let doc = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns}, "stringData": string_data});
+        self.kubectl_stdin(&["apply", "-f", "-"], &doc.to_string())?;
+        Ok(())
+    }
+
+    pub fn apply(&self, doc: &Value) -> TestResult {
+        self.kubectl_stdin(&["apply", "-f", "-"], &doc.to_string())?;
+        Ok(())
+    }
+}
+
+/// Condition `type_` of an AwxToken object as (status, reason, message).
+pub fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find_map(|c| {
+            (c["type"] == type_).then(|| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                    c["message"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+        })
+}
+
+/// Polls `check` every 200 ms until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::new();
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = e,
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what} {last_error}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn sha256_hex(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+fn tempdir(prefix: &str) -> Result<PathBuf, String> {
+    let base = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let dir = PathBuf::from(base).join(format!("{prefix}-{}-{}", std::process::id(), nanos()));
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+fn sh_output(cmd: &str) -> Result<String, String> {
+    let out = Command::new("bash")
+        .args(["-c", cmd])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{cmd} failed"))
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// One AWX stand-in process (tests/awx-standin).
+pub struct Standin {
+    pub url: String,
+    pub mode: String,
+    dir: PathBuf,
+    port: u16,
+    http: reqwest::Client,
+}
+
+impl Standin {
+    fn start(dir: &Path, mode: &str) -> Result<Standin, String> {
+        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let url = Self::launch(dir, mode, port)?;
+        Ok(Standin {
+            url,
+            mode: mode.to_string(),
+            dir: dir.to_path_buf(),
+            port,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn launch(dir: &Path, mode: &str, port: u16) -> Result<String, String> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/awx-standin/standin.sh"))
+            .arg("start")
+            .arg(dir)
+            .args(["--mode", mode, "--port", &port.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("standin.sh start {mode} failed"));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    }
+
+    /// Stops the process (AWX down). The database stays for `restart`.
+    pub fn stop(&self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("tests/awx-standin/standin.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+
+    /// Starts it again on the same port with the same database (AWX back).
+    pub fn restart(&self) -> TestResult {
+        Self::launch(&self.dir, &self.mode, self.port).map(drop)
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("stand-in {path}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("stand-in {method} {path}: {status} {text}"));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create_user(&self, username: &str, password: &str) -> TestResult {
+        self.call(
+            reqwest::Method::POST,
+            "/_standin/users",
+            Some(json!({"username": username, "password": password})),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn create_external_user(&self, username: &str, password: &str) -> TestResult {
+        self.call(
+            reqwest::Method::POST,
+            "/_standin/users",
+            Some(json!({"username": username, "password": password, "external": true})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Creates an application; returns (client_id, client_secret).
+    pub async fn create_app(
+        &self,
+        name: &str,
+        grant_type: &str,
+        owner: &str,
+    ) -> Result<(String, String), String> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/_standin/applications",
+                Some(json!({"name": name, "client_type": "confidential",
+                    "grant_type": grant_type, "user": owner})),
+            )
+            .await?;
+        Ok((
+            v["client_id"].as_str().unwrap_or_default().to_string(),
+            v["client_secret"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// sha256 of the live access tokens of `user`.
+    pub async fn live_tokens(&self, user: &str) -> Result<Vec<String>, String> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_standin/tokens?user={user}"),
+                None,
+            )
+            .await?;
+        Ok(v["access_tokens"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["sha256"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    pub async fn requests(&self) -> Result<Vec<Value>, String> {
+        let v = self
+            .call(reqwest::Method::GET, "/_standin/requests", None)
+            .await?;
+        Ok(v["requests"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Requests made on behalf of `user` (by username in the grant or Basic auth).
+    pub async fn requests_for(&self, user: &str) -> Result<Vec<Value>, String> {
+        Ok(self
+            .requests()
+            .await?
+            .into_iter()
+            .filter(|r| r["user"] == user)
+            .collect())
+    }
+
+    pub async fn set_lifetimes(&self, access: Option<u64>, refresh: Option<u64>) -> TestResult {
+        let mut body = serde_json::Map::new();
+        if let Some(a) = access {
+            body.insert("access_token_expire_seconds".into(), json!(a));
+        }
+        if let Some(r) = refresh {
+            body.insert("refresh_token_expire_seconds".into(), json!(r));
+        }
+        self.call(
+            reqwest::Method::PUT,
+            "/_standin/settings",
+            Some(Value::Object(body)),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn set_fault(&self, fault: Value) -> TestResult {
+        self.call(reqwest::Method::PUT, "/_standin/faults", Some(fault))
+            .await
+            .map(drop)
+    }
+
+    pub async fn clear_faults(&self) -> TestResult {
+        self.call(reqwest::Method::DELETE, "/_standin/faults", None)
+            .await
+            .map(drop)
+    }
+
+    /// GET /api/v2/me/ (or the gateway's) with the token: Some(username) when AWX accepts it.
+    pub async fn whoami(&self, token: &str) -> Result<Option<String>, String> {
+        let path = if self.mode == "gateway" {
+            "/api/gateway/v1/me/"
+        } else {
+            "/api/v2/me/"
+        };
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match resp.status().as_u16() {
+            200 => {
+                let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+                Ok(v["results"][0]["username"].as_str().map(str::to_string))
+            }
+            401 => Ok(None),
+            s => Err(format!("whoami answered {s}")),
+        }
+    }
+}
+
+/// One operator process, watching one namespace, logging at debug level to a file.
+pub struct Operator {
+    child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+    namespace: String,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+}
+
+impl Operator {
+    fn start(env: &Env, namespace: &str, extra: &[&str], log: PathBuf) -> Result<Operator, String> {
+        let mut op = Operator {
+            child: None,
+            port: free_port(),
+            log,
+            namespace: namespace.to_string(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            kubeconfig: env.kubeconfig.clone(),
+            bin: env.operator_bin.clone(),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    fn spawn(&mut self) -> TestResult {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .args(["--namespace", &self.namespace])
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.port)])
+            .args(["--backoff-base", "1s", "--backoff-max", "8s"])
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env(
+                "RUST_LOG",
+                "debug,hyper=info,tower=info,rustls=info,h2=info,kube_client=info",
+            )
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start the operator: {e}"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> TestResult {
+        self.kill();
+        self.spawn()
+    }
+
+    pub async fn metrics(&self) -> Result<String, String> {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

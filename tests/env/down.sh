@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Stop everything recorded under RUN_DIR: services with a RUN_DIR/*/pid file, then the cluster.
+# Idempotent; keeps RUN_DIR (logs) in place.
+#   usage: down.sh RUN_DIR
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+[ $# = 1 ] || { echo "usage: $0 RUN_DIR" >&2; exit 2; }
+[ -d "$1" ] || exit 0
+RUN_DIR="$(cd "$1" && pwd -P)"
+
+for f in "$RUN_DIR"/*/pid; do
+  [ -f "$f" ] || continue
+  log "stopping ${f%/pid} (pid $(cat "$f"))"
+  stop_pidfile "$f"
+done
+"$HERE/cluster.sh" stop "$RUN_DIR"
