@@ -1513,8 +1513,19 @@ pub async fn run(
     let store = controller.store();
     let ready_store = store.clone();
     tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The store's readiness signal wakes only one waiter (the controller's own runner also
+        // waits on it), so poll it instead of waiting once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), ready_store.wait_until_ready())
+                .await
+            {
+                Ok(Ok(())) => {
+                    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
     let mapper_store = store.clone();

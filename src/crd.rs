@@ -20,13 +20,14 @@ pub const SKIP_REVOKE_ANNOTATION: &str = "awx-token-operator.io/skip-revoke";
     group = "awx-token-operator.io",
     version = "v1alpha1",
     kind = "AwxToken",
+    doc = "An AWX API token kept in a Secret, renewed before it expires or grows too old, and revoked when replaced or deleted.",
     namespaced,
     shortname = "awxt",
     status = "AwxTokenStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
-    printcolumn = r#"{"name":"Renews","type":"date","jsonPath":".status.renewalTime"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Renews","type":"string","jsonPath":".status.renewalTime"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -367,7 +367,7 @@ pub async fn gateway_flavor_is_detected_and_used(env: Arc<Env>) -> TestResult {
     // Personal token through the gateway, explicitly selected.
     env.credentials(
         &s.ns,
-        "gw-pat",
+        "gw-pat-creds",
         &[("username", &s.user), ("password", &s.password)],
     )?;
     env.apply(&awx_token(
@@ -375,7 +375,7 @@ pub async fn gateway_flavor_is_detected_and_used(env: Arc<Env>) -> TestResult {
         "gw-pat",
         &s.awx.url,
         "PersonalAccessToken",
-        "gw-pat",
+        "gw-pat-creds",
         json!({"awx": {"flavor": "Gateway"}}),
     ))?;
     wait_ready(&env, &s.ns, "gw-pat", "True", None).await?;
@@ -455,7 +455,9 @@ pub async fn renewal_by_age_is_make_before_break(env: Arc<Env>) -> TestResult {
 }
 
 pub async fn refresh_strategy_keeps_the_chain_alive(env: Arc<Env>) -> TestResult {
-    let s = setup(&env, "e2e-refresh", "awx", &[]).await?;
+    // A stand-in of its own, so every refresh in its log is this scenario's.
+    let awx = env.private_standin("refresh", "awx")?;
+    let s = setup_with(&env, "e2e-refresh", awx, &[]).await?;
     s.password_credentials(&env, "creds").await?;
     let extra = json!({"renewal": {"rotateEvery": "6s", "strategy": "Refresh"}});
     env.apply(&awx_token(
@@ -836,9 +838,10 @@ pub async fn operator_restarts_converge_without_leaks(env: Arc<Env>) -> TestResu
         let user = format!("{}-{name}", s.ns);
         s.awx.create_user(&user, &s.password).await?;
         let (id, secret) = s.awx.create_app(&user, "password", &user).await?;
+        let creds = format!("{name}-creds");
         env.credentials(
             &s.ns,
-            name,
+            &creds,
             &[
                 ("username", &user),
                 ("password", &s.password),
@@ -851,7 +854,7 @@ pub async fn operator_restarts_converge_without_leaks(env: Arc<Env>) -> TestResu
             name,
             &s.awx.url,
             "Password",
-            name,
+            &creds,
             json!({"renewal": {"rotateEvery": "3s", "revokeGracePeriod": "1s"}}),
         ))?;
     }
@@ -868,7 +871,7 @@ pub async fn operator_restarts_converge_without_leaks(env: Arc<Env>) -> TestResu
             name,
             &s.awx.url,
             "Password",
-            name,
+            &format!("{name}-creds"),
             json!({"renewal": {"rotateEvery": "1h", "revokeGracePeriod": "1s"}}),
         ))?;
     }
@@ -912,7 +915,7 @@ pub async fn invalid_spec_and_conflicts_are_reported(env: Arc<Env>) -> TestResul
     )
     .await?;
     s.password_credentials(&env, "creds").await?;
-    let before = s.awx.requests().await?.len();
+    let before = s.awx.requests_for(&s.user).await?.len();
     // http without allowInsecureHttp: the API server (no CEL on 1.20) accepts it, the operator refuses.
     let mut bad = awx_token(&s.ns, "bad", &s.awx.url, "Password", "creds", json!({}));
     bad["spec"]["awx"]["allowInsecureHttp"] = json!(false);
@@ -958,7 +961,7 @@ pub async fn invalid_spec_and_conflicts_are_reported(env: Arc<Env>) -> TestResul
         "message names the Secret"
     );
     ensure_eq!(
-        s.awx.requests().await?.len(),
+        s.awx.requests_for(&s.user).await?.len(),
         before,
         "no AWX request for invalid resources"
     );
