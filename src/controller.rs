@@ -156,7 +156,8 @@ impl Context {
 struct AwxPool {
     clients: Mutex<HashMap<String, AwxClient>>,
     limits: Mutex<HashMap<String, RequestLimits>>,
-    flavors: Mutex<HashMap<String, Flavor>>,
+    /// Detected flavour per URL; one detection at a time per URL, however many tokens wait.
+    flavors: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Flavor>>>>,
     max_rps: Option<NonZeroU32>,
     max_in_flight: Option<usize>,
     observer: Arc<dyn RequestObserver>,
@@ -194,11 +195,9 @@ impl AwxPool {
         let limits = lock(&self.limits)
             .entry(spec.host.clone())
             .or_insert_with(|| RequestLimits {
-                rate: self.max_rps.map(|rps| {
-                    Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
-                        rps,
-                    )))
-                }),
+                rate: self
+                    .max_rps
+                    .map(|rps| Arc::new(governor::RateLimiter::direct(request_quota(rps)))),
                 in_flight: self
                     .max_in_flight
                     .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
@@ -228,15 +227,25 @@ impl AwxPool {
             FlavorSpec::Controller => Ok(Flavor::Controller),
             FlavorSpec::Gateway => Ok(Flavor::Gateway),
             FlavorSpec::Auto => {
-                if let Some(f) = lock(&self.flavors).get(spec.url.as_str()) {
-                    return Ok(*f);
-                }
-                let detected = client.detect_flavor().await?;
-                lock(&self.flavors).insert(spec.url.to_string(), detected);
-                Ok(detected)
+                let cell = lock(&self.flavors)
+                    .entry(spec.url.to_string())
+                    .or_default()
+                    .clone();
+                cell.get_or_try_init(|| client.detect_flavor())
+                    .await
+                    .copied()
             }
         }
     }
+}
+
+/// No burst, and requests spaced 3% wider than 1/rps: AWX itself (not just this process) never
+/// sees more than `rps` requests in any one-second window, even with network jitter.
+fn request_quota(rps: NonZeroU32) -> governor::Quota {
+    let spacing = Duration::from_secs(1).mul_f64(1.03) / rps.get();
+    governor::Quota::with_period(spacing.max(Duration::from_micros(1)))
+        .unwrap_or_else(|| governor::Quota::per_second(rps))
+        .allow_burst(NonZeroU32::MIN)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1548,6 +1557,9 @@ pub async fn run(
         })
         .await;
 }
+
+#[cfg(test)]
+mod reconcile_tests;
 
 #[cfg(test)]
 mod tests {

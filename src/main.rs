@@ -226,7 +226,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         let term = shutdown.child_token();
         let mut watch = leader.clone();
         let lost = term.clone();
-        tokio::spawn(async move {
+        let lost_watch = tokio::spawn(async move {
             let _ = watch.wait_for(|is_leader| !*is_leader).await;
             lost.cancel();
         });
@@ -240,6 +240,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await;
         metrics.leader.set(0);
+        // Its receiver clone must go too, or the election task never sees the channel close.
+        lost_watch.abort();
+        let _ = lost_watch.await;
         if !shutdown.is_cancelled() {
             warn!("lost leadership; exiting so a fresh process can stand by");
         }

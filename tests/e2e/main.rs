@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod support;
+mod ops;
 mod scenarios;
 
 use std::{
@@ -47,6 +48,9 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(awx_faults_give_clear_conditions_and_recover),
         scenario!(external_user_is_refused_with_a_clear_message),
         scenario!(expired_refresh_token_falls_back_to_the_grant),
+        scenario!(ops::ops_leader_election_single_issuer_and_takeover),
+        scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
+        scenario!(ops::ops_host_outside_allow_list_gets_no_request),
     ]
 }
 

@@ -9,7 +9,7 @@ use crate::support::{Env, Operator, Standin, TestResult, condition, sha256_hex, 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An AwxToken manifest; `extra` is merged into spec.
-fn awx_token(ns: &str, name: &str, url: &str, grant: &str, creds: &str, extra: Value) -> Value {
+pub fn awx_token(ns: &str, name: &str, url: &str, grant: &str, creds: &str, extra: Value) -> Value {
     let mut spec = json!({
         "awx": {"url": url, "allowInsecureHttp": true, "timeoutSeconds": 5},
         "grant": {"type": grant, "credentialsSecretRef": {"name": creds}},
@@ -31,7 +31,7 @@ fn merge(base: &mut Value, extra: &Value) {
 }
 
 /// Waits until the AwxToken's Ready condition has `status` (and `reason`, if given).
-async fn wait_ready(
+pub async fn wait_ready(
     env: &Env,
     ns: &str,
     name: &str,
@@ -64,7 +64,7 @@ async fn wait_ready(
 }
 
 /// Waits until the Secret holds a token different from `not` and returns it.
-async fn wait_token(
+pub async fn wait_token(
     env: &Env,
     ns: &str,
     secret: &str,
@@ -84,20 +84,20 @@ async fn wait_token(
 }
 
 /// A namespace, an operator for it, and an AWX user with a password application.
-struct Setup {
-    ns: String,
-    op: Operator,
-    awx: Arc<Standin>,
-    user: String,
-    password: String,
+pub struct Setup {
+    pub ns: String,
+    pub op: Operator,
+    pub awx: Arc<Standin>,
+    pub user: String,
+    pub password: String,
 }
 
-async fn setup(env: &Env, ns: &str, mode: &str, op_args: &[&str]) -> Result<Setup, String> {
+pub async fn setup(env: &Env, ns: &str, mode: &str, op_args: &[&str]) -> Result<Setup, String> {
     let awx = env.standin(mode)?;
     setup_with(env, ns, awx, op_args).await
 }
 
-async fn setup_with(
+pub async fn setup_with(
     env: &Env,
     ns: &str,
     awx: Arc<Standin>,
@@ -119,7 +119,7 @@ async fn setup_with(
 
 impl Setup {
     /// Credentials Secret `name` for the password grant with a new application.
-    async fn password_credentials(&self, env: &Env, name: &str) -> TestResult {
+    pub async fn password_credentials(&self, env: &Env, name: &str) -> TestResult {
         let (id, secret) = self
             .awx
             .create_app(&format!("{}-{name}", self.ns), "password", &self.user)

@@ -658,6 +658,37 @@ impl Operator {
         self.spawn()
     }
 
+    /// SIGTERM, then waits (at most 30 s) for the process to exit; returns how long it took.
+    pub async fn terminate(&mut self) -> Result<Duration, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("operator not running".into());
+        };
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .map_err(|e| e.to_string())?;
+        ensure!(status.success(), "kill -TERM failed");
+        while started.elapsed() < Duration::from_secs(30) {
+            if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+                return Ok(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err("operator did not exit within 30 s of SIGTERM".into())
+    }
+
+    /// Value of one sample (name with labels, as printed) in /metrics.
+    pub async fn metric(&self, sample: &str) -> Result<Option<f64>, String> {
+        let text = self.metrics().await?;
+        Ok(text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        }))
+    }
+
     pub async fn metrics(&self) -> Result<String, String> {
         reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
             .await

@@ -1,0 +1,241 @@
+//! Running it in production: leader election, graceful shutdown, AWX rate limits, host allow-list.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::json;
+
+use crate::{
+    scenarios::{awx_token, setup_with, wait_ready, wait_token},
+    support::{Env, TestResult, wait_for},
+};
+
+const LEADER: &str = "awx_token_operator_leader";
+const ISSUED: &str =
+    "awx_token_operator_tokens_issued_total{grant=\"Password\",flavor=\"Controller\"}";
+
+pub async fn ops_leader_election_single_issuer_and_takeover(env: Arc<Env>) -> TestResult {
+    let awx = env.private_standin("leader", "awx")?;
+    let election = [
+        "--leader-elect",
+        "--lease-namespace",
+        "e2e-leader",
+        "--lease-duration",
+        "6",
+    ];
+    let mut s = setup_with(&env, "e2e-leader", awx, &election).await?;
+    wait_for(
+        "the first operator to lead",
+        Duration::from_secs(30),
+        || async { Ok((s.op.metric(LEADER).await.ok().flatten() == Some(1.0)).then_some(())) },
+    )
+    .await?;
+    let mut standby = env.start_operator(&s.ns, &election)?;
+    wait_for(
+        "the standby to be ready",
+        Duration::from_secs(30),
+        || async {
+            let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", standby.port)).await;
+            Ok(ready.is_ok_and(|r| r.status() == 200).then_some(()))
+        },
+    )
+    .await?;
+    ensure_eq!(
+        standby.metric(LEADER).await?,
+        Some(0.0),
+        "standby is not leader"
+    );
+
+    // Refresh chains make a double renewal visible: AWX answers invalid_grant to the loser.
+    let names = ["l0", "l1", "l2"];
+    for name in names {
+        let creds = format!("{name}-creds");
+        s.password_credentials(&env, &creds).await?;
+        env.apply(&awx_token(
+            &s.ns,
+            name,
+            &s.awx.url,
+            "Password",
+            &creds,
+            json!({"renewal": {"rotateEvery": "4s", "strategy": "Refresh"}}),
+        ))?;
+    }
+    for name in names {
+        wait_ready(&env, &s.ns, name, "True", None).await?;
+    }
+    ensure_eq!(
+        s.op.metric(ISSUED).await?.map(|v| v >= 3.0),
+        Some(true),
+        "the leader issued"
+    );
+    ensure_eq!(
+        standby.metric(ISSUED).await?,
+        None,
+        "the standby issued nothing"
+    );
+
+    let before = env
+        .secret_value(&s.ns, "l0", "token")
+        .await?
+        .ok_or("no token")?;
+    s.op.kill();
+    wait_for(
+        "the standby to take over",
+        Duration::from_secs(30),
+        || async { Ok((standby.metric(LEADER).await.ok().flatten() == Some(1.0)).then_some(())) },
+    )
+    .await?;
+    let mut token = before;
+    for _ in 0..2 {
+        token = wait_token(&env, &s.ns, "l0", Some(&token)).await?;
+        ensure_eq!(
+            s.awx.whoami(&token).await?,
+            Some(s.user.clone()),
+            "renewed by the new leader"
+        );
+    }
+    let requests = s.awx.requests().await?;
+    let refreshes = requests
+        .iter()
+        .filter(|r| r["grant_type"] == "refresh_token")
+        .count();
+    let double = requests
+        .iter()
+        .filter(|r| r["grant_type"] == "refresh_token" && r["error"] == "invalid_grant")
+        .count();
+    ensure!(refreshes >= 3, "refreshes happened: {refreshes}");
+    ensure_eq!(double, 0, "refresh tokens used twice (invalid_grant)");
+
+    // SIGTERM: exits quickly and releases the Lease, so a new standby leads without waiting
+    // for the lease to expire.
+    let mut third = env.start_operator(&s.ns, &election)?;
+    wait_for(
+        "the third operator to stand by",
+        Duration::from_secs(30),
+        || async { Ok((third.metric(LEADER).await.ok().flatten() == Some(0.0)).then_some(())) },
+    )
+    .await?;
+    let took = standby.terminate().await?;
+    ensure!(
+        took < Duration::from_secs(10),
+        "exit after SIGTERM took {took:?}"
+    );
+    let handover = std::time::Instant::now();
+    wait_for(
+        "the third operator to lead",
+        Duration::from_secs(30),
+        || async { Ok((third.metric(LEADER).await.ok().flatten() == Some(1.0)).then_some(())) },
+    )
+    .await?;
+    // The lease lasts 6 s: a takeover well inside it proves it was released.
+    ensure!(
+        handover.elapsed() < Duration::from_secs(4),
+        "takeover after SIGTERM took {:?}",
+        handover.elapsed()
+    );
+    println!(
+        "    SIGTERM exit {:.2}s, takeover {:.2}s",
+        took.as_secs_f64(),
+        handover.elapsed().as_secs_f64()
+    );
+    third.kill();
+    Ok(())
+}
+
+pub async fn ops_rate_limit_holds_for_fifty_tokens_at_once(env: Arc<Env>) -> TestResult {
+    let awx = env.private_standin("rate", "awx")?;
+    let s = setup_with(
+        &env,
+        "e2e-rate",
+        awx,
+        &["--awx-max-rps", "5", "--concurrency", "50"],
+    )
+    .await?;
+    s.password_credentials(&env, "creds").await?;
+    let docs: Vec<String> = (0..50)
+        .map(|i| {
+            awx_token(
+                &s.ns,
+                &format!("t{i:02}"),
+                &s.awx.url,
+                "Password",
+                "creds",
+                json!({}),
+            )
+            .to_string()
+        })
+        .collect();
+    env.kubectl_stdin(&["apply", "-f", "-"], &docs.join("\n"))?;
+    wait_for("50 AwxTokens Ready", Duration::from_secs(120), || async {
+        let out = env.kubectl(&["get", "awxt", "-n", &s.ns, "-o",
+            "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])?;
+        Ok((out.lines().filter(|l| *l == "True").count() == 50).then_some(()))
+    })
+    .await?;
+    let mut times: Vec<f64> = s
+        .awx
+        .requests()
+        .await?
+        .iter()
+        .filter_map(|r| r["time"].as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    ensure!(times.len() >= 51, "requests seen: {}", times.len());
+    let max_in_a_second = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let span = times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0);
+    println!(
+        "    {} requests over {span:.1}s, at most {max_in_a_second} in any second",
+        times.len()
+    );
+    ensure!(
+        max_in_a_second <= 5,
+        "{max_in_a_second} requests within one second"
+    );
+    Ok(())
+}
+
+pub async fn ops_host_outside_allow_list_gets_no_request(env: Arc<Env>) -> TestResult {
+    let awx = env.private_standin("allow", "awx")?;
+    let s = setup_with(
+        &env,
+        "e2e-allow",
+        awx,
+        &["--allowed-awx-hosts", "awx.example.com,*.corp.example"],
+    )
+    .await?;
+    s.password_credentials(&env, "creds").await?;
+    env.apply(&awx_token(
+        &s.ns,
+        "blocked",
+        &s.awx.url,
+        "Password",
+        "creds",
+        json!({}),
+    ))?;
+    let obj = wait_ready(&env, &s.ns, "blocked", "False", Some("HostNotAllowed")).await?;
+    ensure!(
+        obj["status"]["conditions"]
+            .to_string()
+            .contains("--allowed-awx-hosts"),
+        "message names the flag"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure_eq!(
+        s.awx.requests().await?.len(),
+        0,
+        "requests at the refused host"
+    );
+    ensure_eq!(
+        s.awx.live_tokens(&s.user).await?,
+        Vec::<String>::new(),
+        "tokens at the refused host"
+    );
+    Ok(())
+}
