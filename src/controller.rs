@@ -1198,7 +1198,7 @@ impl Reconciler<'_> {
                 current.renewal_time.as_millisecond() as f64 / 1000.0,
             )),
         );
-        if status != old {
+        if !same_when_stored(&status, &old) {
             if self.token.spec.awx.insecure_skip_tls_verify
                 && !old.conditions.iter().any(|c| c.type_ == "InsecureTls")
             {
@@ -1438,6 +1438,13 @@ impl Reconciler<'_> {
         info!("revoked all tokens of the deleted AwxToken");
         Ok(Action::await_change())
     }
+}
+
+/// Whether two statuses are the same once stored. The API server keeps times to the second,
+/// and the times computed here (issue, expiry, renewal) have sub-second parts: compared as
+/// they are, a healthy AwxToken would get a status write on every reconcile.
+fn same_when_stored(a: &AwxTokenStatus, b: &AwxTokenStatus) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
 /// Sets a condition, keeping its lastTransitionTime when its status does not change.

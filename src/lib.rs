@@ -4,6 +4,8 @@ pub mod awx;
 pub mod controller;
 pub mod crd;
 pub mod decide;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod schedule;
 pub mod secrets;

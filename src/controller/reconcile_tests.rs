@@ -1,0 +1,696 @@
+//! The reconciler against a scripted Kubernetes API and a mocked AWX: the exact calls of a
+//! first issue, a steady state, a renewal, a revocation, a deletion and a credential failure.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::Method;
+use jiff::{SignedDuration, Timestamp};
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use wiremock::{
+    Mock, ResponseTemplate,
+    matchers::{method, path},
+};
+
+use super::FINALIZER;
+use crate::{
+    crd::{AwxToken, SKIP_REVOKE_ANNOTATION},
+    fixtures::{self as fx, Harness, Reply, Run, get, patch, post},
+    state::{Sensitive, TokenState},
+};
+
+const ACCESS: &str = "Qm7rT2vX9kLpA4sZ8nB1cD5eF3gH6j";
+const REFRESH: &str = "Zx8Yw7Vu6Ts5Rq4Po3Nm2Lk1Ji0Hg";
+const NEW_ACCESS: &str = "Hd3kP9sLq2Wm7Xv4Bn8Tz1Rc6Yf5Ga";
+const NEW_REFRESH: &str = "Jp4Ls8Kd2Nf6Hq1Wz9Xc3Vb7Mt5Re0";
+const OLD_ACCESS: &str = "Ub5Gy2Oe8Ri4Aw1Qs7Dk3Fj9Hl6Zx0";
+const OLD_REFRESH: &str = "Vn1Mc5Xb9Zl3Kj7Hg2Fd6Sa4Pq8Wo0";
+const SECRET_VALUES: [&str; 8] = [
+    fx::PASSWORD,
+    fx::CLIENT_SECRET,
+    ACCESS,
+    REFRESH,
+    NEW_ACCESS,
+    NEW_REFRESH,
+    OLD_ACCESS,
+    OLD_REFRESH,
+];
+/// AWX's default access token lifetime: 1000 years.
+const AWX_DEFAULT_EXPIRES_IN: u64 = 31_536_000_000;
+
+const STATE: &str = "/api/v1/namespaces/apps/secrets/awx-token-operator-state-ci-bot";
+const TARGET: &str = "/api/v1/namespaces/apps/secrets/ci-bot-awx";
+const CREDENTIALS: &str = "/api/v1/namespaces/apps/secrets/awx-bot";
+const AWX_TOKEN: &str = "/apis/awx-token-operator.io/v1alpha1/namespaces/apps/awxtokens/ci-bot";
+const STATUS: &str = "/apis/awx-token-operator.io/v1alpha1/namespaces/apps/awxtokens/ci-bot/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
+
+// ------------------------------------------------------------------ AWX answers
+
+/// `POST /api/o/token/` success (AWX_PROTOCOL.md §1).
+async fn awx_issues(h: &Harness, access: &str, refresh: &str, expires_in: u64) {
+    let answer = ResponseTemplate::new(200)
+        .insert_header("cache-control", "no-store")
+        .insert_header("pragma", "no-cache")
+        .set_body_json(json!({
+            "access_token": access,
+            "expires_in": expires_in,
+            "token_type": "Bearer",
+            "scope": "write",
+            "refresh_token": refresh,
+        }));
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(answer)
+        .up_to_n_times(1)
+        .mount(h.awx())
+        .await;
+}
+
+/// `POST /api/o/revoke_token/` success: 200, empty body (§4); then `GET /api/v2/me/` with the
+/// revoked token: 401 (§5).
+async fn awx_revokes(h: &Harness) {
+    Mock::given(method("POST"))
+        .and(path("/api/o/revoke_token/"))
+        .respond_with(
+            ResponseTemplate::new(200).insert_header("content-type", "text/html; charset=utf-8"),
+        )
+        .mount(h.awx())
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/me/"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .insert_header(
+                    "www-authenticate",
+                    "Bearer realm=api authorization_url=/api/o/authorize/",
+                )
+                .set_body_json(json!({"detail": "Authentication credentials were not provided. To establish a login session, visit /api/login/."})),
+        )
+        .mount(h.awx())
+        .await;
+}
+
+fn client_basic_auth() -> String {
+    let pair = format!("{}:{}", fx::CLIENT_ID, fx::CLIENT_SECRET);
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+fn form(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+// ------------------------------------------------------------------ helpers
+
+/// What the API server holds after a step.
+struct World {
+    token: AwxToken,
+    state: Value,
+    target: Value,
+}
+
+/// Reconciles a fresh AwxToken to its first token (`ACCESS`), answering each call as the API
+/// server would; returns the run and what the API server then holds.
+async fn issue_first(h: &mut Harness) -> (Run, World) {
+    let token = fx::awx_token(&h.awx_url());
+    awx_issues(h, ACCESS, REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&token)),
+                patch(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let world = World {
+        token: fx::with_status(&token, last_body(&run, Method::PATCH, STATUS)),
+        state: fx::stored(last_body(&run, Method::PATCH, STATE)),
+        target: fx::stored(last_body(&run, Method::PATCH, TARGET)),
+    };
+    (run, world)
+}
+
+fn last_body<'a>(run: &'a Run, method: Method, path: &str) -> &'a Value {
+    &run.kube(method.clone(), path)
+        .last()
+        .unwrap_or_else(|| panic!("no {method} {path} in {:?}", run.timeline()))
+        .body
+}
+
+fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
+}
+
+fn assert_server_side_apply(run: &Run, path: &str) {
+    for call in run.kube(Method::PATCH, path) {
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/apply-patch+yaml"),
+            "{path}"
+        );
+        let mut query: Vec<_> = call.query.split('&').filter(|p| !p.is_empty()).collect();
+        query.sort_unstable();
+        assert_eq!(
+            query,
+            ["fieldManager=awx-token-operator", "force=true"],
+            "{path}"
+        );
+    }
+}
+
+fn between(t: Timestamp, from: Timestamp, to: Timestamp) -> bool {
+    from <= t && t <= to
+}
+
+fn ago(hours: i64) -> Timestamp {
+    Timestamp::now() - SignedDuration::from_hours(hours)
+}
+
+// ------------------------------------------------------------------ scenarios
+
+#[tokio::test]
+async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready() {
+    let mut h = Harness::start().await;
+    let (run, world) = issue_first(&mut h).await;
+
+    // The event comes right after the state is saved, before the target Secret is written.
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATUS}"),
+            "awx POST /api/o/token/".to_string(),
+            format!("k8s PATCH {STATE}"),
+            format!("k8s POST {EVENTS}"),
+            format!("k8s PATCH {TARGET}"),
+            format!("k8s PATCH {STATUS}"),
+        ]
+    );
+
+    let statuses = run.kube(Method::PATCH, STATUS);
+    let issuing = &statuses[0].body;
+    assert_eq!(issuing["apiVersion"], "awx-token-operator.io/v1alpha1");
+    assert_eq!(issuing["kind"], "AwxToken");
+    let issuing_condition = condition(issuing, "Issuing");
+    assert_eq!(issuing_condition["status"], "True");
+    assert_eq!(issuing_condition["reason"], "Issuing");
+
+    let request = &run.awx(Method::POST, "/api/o/token/")[0];
+    assert_eq!(
+        request.content_type.as_deref(),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(
+        request.authorization.as_deref(),
+        Some(client_basic_auth().as_str())
+    );
+    assert_eq!(
+        request.form(),
+        form(&[
+            ("grant_type", "password"),
+            ("username", fx::USERNAME),
+            ("password", fx::PASSWORD),
+            ("scope", "write"),
+        ])
+    );
+
+    let state_body = last_body(&run, Method::PATCH, STATE);
+    assert_eq!(
+        state_body["metadata"]["labels"]["awx-token-operator.io/role"],
+        "state"
+    );
+    assert_eq!(state_body["metadata"]["ownerReferences"][0]["uid"], fx::UID);
+    let state = fx::state_of(state_body);
+    let current = state.current.as_ref().expect("a current token");
+    assert_eq!(current.access_token.expose(), ACCESS);
+    assert_eq!(
+        current.refresh_token.as_ref().map(Sensitive::expose),
+        Some(REFRESH)
+    );
+    assert!(between(current.issued_at, run.started, run.finished));
+    assert!(state.retiring.is_empty());
+
+    let event = last_body(&run, Method::POST, EVENTS);
+    assert_eq!(event["type"], "Normal");
+    assert_eq!(event["reason"], "TokenIssued");
+    assert_eq!(event["note"], "Token issued (first issue)");
+    assert_eq!(event["reportingController"], "awx-token-operator");
+    assert_eq!(event["regarding"]["kind"], "AwxToken");
+    assert_eq!(event["regarding"]["name"], fx::NAME);
+    assert_eq!(event["regarding"]["uid"], fx::UID);
+
+    let target = last_body(&run, Method::PATCH, TARGET);
+    assert_eq!(target["metadata"]["name"], fx::TARGET);
+    assert_eq!(target["metadata"]["namespace"], fx::NAMESPACE);
+    let keys: Vec<_> = target["data"]
+        .as_object()
+        .map(|d| d.keys().cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(keys, ["host", "token"]);
+    assert_eq!(fx::secret_data(target, "token"), ACCESS);
+    assert_eq!(fx::secret_data(target, "host"), h.awx_url());
+    assert_eq!(
+        target["metadata"]["ownerReferences"],
+        json!([{
+            "apiVersion": "awx-token-operator.io/v1alpha1",
+            "kind": "AwxToken",
+            "name": fx::NAME,
+            "uid": fx::UID,
+            "controller": true,
+        }])
+    );
+    assert_eq!(
+        target["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "awx-token-operator"
+    );
+    assert_server_side_apply(&run, STATE);
+    assert_server_side_apply(&run, TARGET);
+    assert_server_side_apply(&run, STATUS);
+
+    let ready = &statuses[1].body;
+    let ready_condition = condition(ready, "Ready");
+    assert_eq!(ready_condition["status"], "True");
+    assert_eq!(ready_condition["reason"], "TokenReady");
+    assert_eq!(condition(ready, "Issuing")["status"], "False");
+    let status = &ready["status"];
+    assert_eq!(status["secretName"], fx::TARGET);
+    assert_eq!(status["user"], fx::USERNAME);
+    assert_eq!(status["scope"], "write");
+    assert_eq!(status["flavor"], "Controller");
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(
+        status["renewalTime"],
+        json!(
+            current
+                .renewal_time
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
+        )
+    );
+    assert!(status.get("failedAttempts").is_none());
+    assert!(status.get("pendingRevocations").is_none());
+    run.assert_not_leaked(&SECRET_VALUES);
+    assert_eq!(
+        world.token.status.as_ref().map(|s| s.failed_attempts),
+        Some(0)
+    );
+
+    // Renewal is about 24h away (rotateEvery); the requeue is clamped to 1h.
+    assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
+}
+
+#[tokio::test]
+async fn first_issue_requeues_at_the_renewal_time_when_it_is_within_the_hour() {
+    let mut h = Harness::start().await;
+    let token = fx::awx_token(&h.awx_url());
+    // 30 minutes of lifetime, less than renewBefore (1h): renewal at two thirds of it.
+    awx_issues(&h, ACCESS, REFRESH, 1800).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&token)),
+                patch(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let state = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    let renewal = state.current.expect("a current token").renewal_time;
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    let earliest = Duration::try_from(renewal.duration_since(run.finished)).unwrap();
+    let latest = Duration::try_from(renewal.duration_since(run.started)).unwrap();
+    assert!(
+        (earliest..=latest).contains(&requeue),
+        "requeue in {requeue:?}, renewal in {earliest:?}..{latest:?}"
+    );
+    // Two thirds of 30 minutes, less at most 10% of it as jitter.
+    assert!(
+        (Duration::from_secs(1075)..=Duration::from_secs(1200)).contains(&requeue),
+        "{requeue:?}"
+    );
+}
+
+#[tokio::test]
+async fn healthy_resource_is_only_read_on_the_next_reconcile() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(world.state.clone())),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+            ],
+        )
+        .await;
+
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+        ]
+    );
+    assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
+}
+
+#[tokio::test]
+async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period_ends() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    // The token was issued 25 hours ago: past rotateEvery (24h).
+    let mut state = fx::state_of(&world.state);
+    let current = state.current.as_mut().expect("a current token");
+    current.issued_at = ago(25);
+    current.renewal_time = ago(1);
+    let token = world.token;
+    // A day later, and maybe another process: kube's event recorder would turn a repeat of
+    // the same event within 6 minutes into a PATCH of the first one.
+    h.restart();
+    awx_issues(&h, NEW_ACCESS, NEW_REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(fx::state_secret(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&token)),
+                patch(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATUS}"),
+            "awx POST /api/o/token/".to_string(),
+            format!("k8s PATCH {STATE}"),
+            format!("k8s POST {EVENTS}"),
+            format!("k8s PATCH {TARGET}"),
+            format!("k8s PATCH {STATUS}"),
+        ]
+    );
+    let saved = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    let current = saved.current.as_ref().expect("a current token");
+    assert_eq!(current.access_token.expose(), NEW_ACCESS);
+    assert_eq!(
+        current.refresh_token.as_ref().map(Sensitive::expose),
+        Some(NEW_REFRESH)
+    );
+    assert_eq!(saved.retiring.len(), 1);
+    let retiring = &saved.retiring[0];
+    assert_eq!(retiring.access_token.expose(), ACCESS);
+    assert_eq!(
+        retiring.refresh_token.as_ref().map(Sensitive::expose),
+        Some(REFRESH)
+    );
+    // revokeGracePeriod defaults to 5m.
+    let grace = SignedDuration::from_mins(5);
+    assert!(between(
+        retiring.revoke_after,
+        run.started + grace,
+        run.finished + grace
+    ));
+
+    assert_eq!(
+        last_body(&run, Method::POST, EVENTS)["note"],
+        "Token renewed (renewal time reached)"
+    );
+    let target = last_body(&run, Method::PATCH, TARGET);
+    assert_eq!(fx::secret_data(target, "token"), NEW_ACCESS);
+    let ready = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(ready, "Ready")["status"], "True");
+    assert_eq!(ready["status"]["pendingRevocations"], 1);
+    run.assert_not_leaked(&SECRET_VALUES);
+    // Next wake: the end of the grace period.
+    assert_eq!(run.action(), &Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut state = fx::state_of(&world.state);
+    let current = state.current.clone().expect("a current token");
+    let mut old = current.retire(ago(0) - SignedDuration::from_secs(1));
+    old.access_token = Sensitive::new(OLD_ACCESS);
+    old.refresh_token = Some(Sensitive::new(OLD_REFRESH));
+    state.retiring.push(old);
+    let mut token = world.token;
+    if let Some(status) = token.status.as_mut() {
+        status.pending_revocations = 1;
+    }
+    awx_revokes(&h).await;
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(fx::state_secret(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATE, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+            "awx POST /api/o/revoke_token/".to_string(),
+            "awx GET /api/v2/me/".to_string(),
+            format!("k8s PATCH {STATE}"),
+            format!("k8s PATCH {STATUS}"),
+        ]
+    );
+    let revoke = &run.awx(Method::POST, "/api/o/revoke_token/")[0];
+    assert_eq!(
+        revoke.authorization.as_deref(),
+        Some(client_basic_auth().as_str())
+    );
+    assert_eq!(
+        revoke.form(),
+        form(&[("token", OLD_REFRESH), ("token_type_hint", "refresh_token")])
+    );
+    let check = &run.awx(Method::GET, "/api/v2/me/")[0];
+    assert_eq!(
+        check.authorization.as_deref(),
+        Some(format!("Bearer {OLD_ACCESS}").as_str())
+    );
+    let saved = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    assert_eq!(
+        saved,
+        TokenState {
+            current: Some(current),
+            ..TokenState::default()
+        }
+    );
+    let ready = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(ready, "Ready")["status"], "True");
+    assert!(ready["status"].get("pendingRevocations").is_none());
+    run.assert_not_leaked(&SECRET_VALUES);
+    assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
+}
+
+#[tokio::test]
+async fn delete_revokes_the_current_token_then_removes_the_finalizer() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let token = fx::deleting(&world.token);
+    awx_revokes(&h).await;
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(world.state.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(AWX_TOKEN, Reply::finalizer_removed(&token)),
+            ],
+        )
+        .await;
+
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {CREDENTIALS}"),
+            "awx POST /api/o/revoke_token/".to_string(),
+            "awx GET /api/v2/me/".to_string(),
+            format!("k8s PATCH {AWX_TOKEN}"),
+        ]
+    );
+    assert_eq!(
+        run.awx(Method::POST, "/api/o/revoke_token/")[0].form(),
+        form(&[("token", REFRESH), ("token_type_hint", "refresh_token")])
+    );
+    assert_eq!(
+        run.awx(Method::GET, "/api/v2/me/")[0]
+            .authorization
+            .as_deref(),
+        Some(format!("Bearer {ACCESS}").as_str())
+    );
+    assert_finalizer_removed(&run);
+    assert_eq!(run.action(), &Action::await_change());
+}
+
+#[tokio::test]
+async fn delete_with_skip_revoke_removes_the_finalizer_without_asking_awx() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut token = fx::deleting(&world.token);
+    token
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(SKIP_REVOKE_ANNOTATION.into(), "true".into());
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![patch(AWX_TOKEN, Reply::finalizer_removed(&token))],
+        )
+        .await;
+
+    assert_eq!(run.timeline(), [format!("k8s PATCH {AWX_TOKEN}")]);
+    assert_finalizer_removed(&run);
+    assert_eq!(run.action(), &Action::await_change());
+}
+
+fn assert_finalizer_removed(run: &Run) {
+    let call = &run.kube(Method::PATCH, AWX_TOKEN)[0];
+    assert_eq!(
+        call.content_type.as_deref(),
+        Some("application/json-patch+json")
+    );
+    assert_eq!(
+        call.body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+            {"op": "remove", "path": "/metadata/finalizers/0"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
+    let mut h = Harness::start().await;
+    let token = fx::awx_token(&h.awx_url());
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            json!({"error": "invalid_grant", "error_description": "Invalid credentials given."}),
+        ))
+        .mount(h.awx())
+        .await;
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&token)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+
+    // The Warning event is published before the failed status is written.
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATUS}"),
+            "awx POST /api/o/token/".to_string(),
+            format!("k8s POST {EVENTS}"),
+            format!("k8s PATCH {STATUS}"),
+        ]
+    );
+    let failed = last_body(&run, Method::PATCH, STATUS);
+    let ready = condition(failed, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidCredentials");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Invalid credentials given.")),
+        "{ready}"
+    );
+    assert_eq!(condition(failed, "Issuing")["status"], "False");
+    assert_eq!(failed["status"]["failedAttempts"], 1);
+    assert_eq!(failed["status"]["lastFailureMessage"], ready["message"]);
+    let event = last_body(&run, Method::POST, EVENTS);
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "InvalidCredentials");
+    assert_eq!(event["note"], ready["message"]);
+    run.assert_not_leaked(&SECRET_VALUES);
+    assert_eq!(run.action(), &Action::await_change());
+
+    // Same credentials, status showing the failure: no new attempt at AWX, no write.
+    let token = fx::with_status(&token, failed);
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+            ],
+        )
+        .await;
+    assert_eq!(
+        run.timeline(),
+        [
+            format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
+            format!("k8s GET {CREDENTIALS}"),
+        ]
+    );
+    assert_eq!(run.action(), &Action::await_change());
+}
