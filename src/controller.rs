@@ -40,11 +40,11 @@ use crate::{
         SKIP_REVOKE_ANNOTATION, ScopeSpec,
     },
     decide::{self, FailureHistory, Gate, Trigger},
-    metrics::{FlavorLabels, Metrics, ReasonLabels, ResultLabels, TokenLabels},
+    metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, ResultLabels, TokenLabels},
     schedule::{self, REFRESH_TOKEN_LIFETIME, RenewalSchedule},
     secrets::{self, Ownership},
     spec::{self, SpecError, ValidSpec},
-    state::{HeldToken, STATE_KEY, Sensitive, TokenState},
+    state::{HeldToken, IssueIntent, STATE_KEY, Sensitive, TokenState},
 };
 
 pub const FINALIZER: &str = "awx-token-operator.io/revoke";
@@ -312,7 +312,9 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn grant(&self, token: &AwxToken) -> TokenGrant {
+    /// The grant to send; a personal token's description carries `tag` so a token whose
+    /// creation answer was lost can be found again.
+    fn grant(&self, token: &AwxToken, tag: &str) -> TokenGrant {
         let username = self.username.clone().unwrap_or_default();
         let password = self
             .password
@@ -336,13 +338,16 @@ impl Inputs {
             GrantType::PersonalAccessToken => TokenGrant::PersonalAccessToken {
                 username,
                 password,
-                description: token.spec.grant.description.clone().unwrap_or_else(|| {
-                    format!(
-                        "awx-token-operator {}/{}",
-                        token.namespace().unwrap_or_default(),
-                        token.name_any()
-                    )
-                }),
+                description: format!(
+                    "{} [{tag}]",
+                    token.spec.grant.description.clone().unwrap_or_else(|| {
+                        format!(
+                            "awx-token-operator {}/{}",
+                            token.namespace().unwrap_or_default(),
+                            token.name_any()
+                        )
+                    })
+                ),
             },
         }
     }
@@ -774,11 +779,45 @@ impl Reconciler<'_> {
                 }
             }
             info!(reason = trigger.describe(), "obtaining a token");
-            self.set_issuing(&trigger).await?;
-            match self
-                .obtain(&client, &valid, &inputs, &state, &trigger)
+            let flavor = match self
+                .ctx
+                .awx
+                .flavor(&client, &valid, token.spec.awx.flavor)
                 .await
             {
+                Ok(f) => f,
+                Err(e) => {
+                    return self
+                        .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
+                        .await;
+                }
+            };
+            if let Some(intent) = state.issuing.take()
+                && let Err(e) = self
+                    .recover_interrupted_issue(&client, &inputs, &intent)
+                    .await
+            {
+                state.issuing = Some(intent);
+                return self
+                    .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
+                    .await;
+            }
+            // Recorded before the request, so a restart in the middle knows to look for the
+            // token AWX may have created.
+            let intent = IssueIntent {
+                tag: format!("awxto-{:016x}", rand::random::<u64>()),
+                started_at: self.now,
+                personal: token.spec.grant.type_ == GrantType::PersonalAccessToken,
+                gateway: flavor == Flavor::Gateway,
+            };
+            state.issuing = Some(intent.clone());
+            self.save_state(&state).await?;
+            self.set_issuing(&trigger).await?;
+            let outcome = self
+                .obtain(&client, &valid, &inputs, &state, &trigger, &intent)
+                .await;
+            state.issuing = None;
+            match outcome {
                 Ok((issued, flavor, refreshed)) => {
                     let previous = state.current.take();
                     let held = self.hold(
@@ -831,6 +870,14 @@ impl Reconciler<'_> {
                         .await;
                 }
                 Err(e) => {
+                    // A refusal, or a request that never reached AWX, created no token; any
+                    // other failure (a timeout, a 5xx, a cut answer) may have: keep the intent
+                    // so the next attempt looks for it first.
+                    let nothing_created =
+                        !e.is_retryable() || matches!(e.reason(), "AwxUnreachable" | "TlsError");
+                    if nothing_created {
+                        self.save_state(&state).await?;
+                    }
                     return self
                         .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
                         .await;
@@ -933,13 +980,14 @@ impl Reconciler<'_> {
         inputs: &Inputs,
         state: &TokenState,
         trigger: &Trigger,
+        intent: &IssueIntent,
     ) -> Result<(IssuedToken, Flavor, bool), AwxError> {
         let token = self.token;
-        let flavor = self
-            .ctx
-            .awx
-            .flavor(client, valid, token.spec.awx.flavor)
-            .await?;
+        let flavor = if intent.gateway {
+            Flavor::Gateway
+        } else {
+            Flavor::Controller
+        };
         let scope = scope(token.spec.grant.scope);
         if valid.strategy == RenewalStrategy::Refresh
             && trigger.is_renewal()
@@ -957,7 +1005,9 @@ impl Reconciler<'_> {
                 Err(e) => return Err(e),
             }
         }
-        let issued = client.issue(flavor, &inputs.grant(token), scope).await?;
+        let issued = client
+            .issue(flavor, &inputs.grant(token, &intent.tag), scope)
+            .await?;
         Ok((issued, flavor, false))
     }
 
@@ -1001,6 +1051,63 @@ impl Reconciler<'_> {
             renewal_time,
             inputs: inputs.fingerprint.clone(),
         }
+    }
+
+    /// A token request was interrupted (the process stopped between asking AWX and recording
+    /// the answer). A personal token carries the request's tag in its description: find and
+    /// delete it. An OAuth2 token cannot be told apart from others of the same user: report it.
+    async fn recover_interrupted_issue(
+        &self,
+        client: &AwxClient,
+        inputs: &Inputs,
+        intent: &IssueIntent,
+    ) -> Result<(), AwxError> {
+        let flavor = if intent.gateway {
+            Flavor::Gateway
+        } else {
+            Flavor::Controller
+        };
+        match (intent.personal, &inputs.username, &inputs.password) {
+            (true, Some(username), Some(password)) => {
+                let ids = client
+                    .find_tagged_tokens(flavor, username, password, &intent.tag)
+                    .await?;
+                for id in &ids {
+                    client
+                        .delete_token_with_login(flavor, *id, username, password)
+                        .await?;
+                }
+                info!(
+                    found = ids.len(),
+                    "cleaned up after an interrupted token request"
+                );
+                self.ctx
+                    .metrics
+                    .interrupted_issues
+                    .get_or_create(&OutcomeLabels { outcome: "cleaned" })
+                    .inc();
+            }
+            _ => {
+                let note = format!(
+                    "A token request started at {} was interrupted before its answer was recorded; \
+                     AWX may hold one token of this user that the operator does not know. Revoke \
+                     it in AWX if it exists (tokens of the user created at that time).",
+                    intent.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                );
+                warn!("{note}");
+                self.ctx
+                    .metrics
+                    .interrupted_issues
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "unrecoverable",
+                    })
+                    .inc();
+                self.ctx
+                    .publish(self.token, EventType::Warning, "InterruptedIssue", note)
+                    .await;
+            }
+        }
+        Ok(())
     }
 
     /// Renewal time of a token issued at `issued_at`; the jitter is derived from the object and

@@ -175,6 +175,7 @@ mod tests {
                 inputs: inputs.into(),
             }),
             retiring: vec![],
+            issuing: None,
         }
     }
 

@@ -37,6 +37,11 @@ pub struct FlavorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwxRequestLabels {
     pub endpoint: &'static str,
     /// 2xx, 3xx, 4xx, 5xx, or "error" when no HTTP answer came.
@@ -79,6 +84,7 @@ pub struct Metrics {
     pub tokens_issued: Family<TokenLabels, Counter>,
     pub tokens_renewed: Family<TokenLabels, Counter>,
     pub tokens_revoked: Family<FlavorLabels, Counter>,
+    pub interrupted_issues: Family<OutcomeLabels, Counter>,
     pub awx_requests: Family<AwxRequestLabels, Counter>,
     pub awx_request_duration: Family<EndpointLabels, Histogram, LatencyHistogram>,
     pub objects_in_backoff: Gauge,
@@ -135,6 +141,13 @@ impl Metrics {
             "Tokens revoked in AWX (verified dead)",
             tokens_revoked.clone(),
         );
+        let interrupted_issues = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "interrupted_issues",
+            "Token requests interrupted by a restart: cleaned (the tagged personal token was found \
+             and deleted, or none was created) or unrecoverable (an OAuth2 token may be left in AWX)",
+            interrupted_issues.clone(),
+        );
         let awx_requests = Family::<AwxRequestLabels, Counter>::default();
         registry.register(
             "awx_requests",
@@ -189,6 +202,7 @@ impl Metrics {
             tokens_issued,
             tokens_renewed,
             tokens_revoked,
+            interrupted_issues,
             awx_requests,
             awx_request_duration,
             objects_in_backoff,

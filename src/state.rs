@@ -42,6 +42,21 @@ pub struct TokenState {
     /// Replaced tokens, revoked once their grace period is over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retiring: Vec<RetiringToken>,
+    /// Written before a token is requested and cleared with the write that records it: if
+    /// it is still here, the process stopped in between and AWX may hold a token nobody knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuing: Option<IssueIntent>,
+}
+
+/// A token request in flight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueIntent {
+    /// Random tag put into a personal token's description, so it can be found and deleted.
+    pub tag: String,
+    pub started_at: Timestamp,
+    pub personal: bool,
+    pub gateway: bool,
 }
 
 /// The token currently in the target Secret.
@@ -177,6 +192,12 @@ mod tests {
         let mut state = TokenState {
             current: Some(held()),
             retiring: vec![],
+            issuing: Some(IssueIntent {
+                tag: "awxto-1a2b3c4d".into(),
+                started_at: Timestamp::from_second(1_700_000_000).unwrap(),
+                personal: true,
+                gateway: false,
+            }),
         };
         state
             .retiring

@@ -428,6 +428,72 @@ impl AwxClient {
         }
     }
 
+    /// Ids of the user's tokens whose description contains `tag`: finds a personal token
+    /// created by a request whose answer was lost (the operator tags each one it creates).
+    /// Lists `/api/v2/tokens/` (or the gateway's) with the user's login, page by page.
+    pub async fn find_tagged_tokens(
+        &self,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        tag: &str,
+    ) -> Result<Vec<u64>, AwxError> {
+        const MAX_PAGES: u32 = 50;
+        let mut ids = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let path = format!("{}?page_size=200&page={page}", flavor.tokens_path());
+            let answer = self
+                .send(
+                    "tokens",
+                    Method::GET,
+                    &path,
+                    Some(wire::user_basic_auth(username, password)?),
+                )
+                .await?;
+            match answer.status {
+                200..=299 => {}
+                401 => {
+                    return Err(AwxError::Unauthorized {
+                        at: answer.at.clone(),
+                        status: answer.status,
+                        detail: wire::detail_text(&answer.body),
+                    });
+                }
+                _ => return Err(common_failure(&answer)),
+            }
+            let object = wire::json_object(&answer)?;
+            let results = object.get("results").and_then(Value::as_array);
+            for item in results.into_iter().flatten() {
+                let Some(item) = item.as_object() else {
+                    continue;
+                };
+                let tagged =
+                    wire::string_field(item, "description").is_some_and(|d| d.contains(tag));
+                if let (true, Some(id)) = (tagged, wire::id_field(item, "id")) {
+                    ids.push(id);
+                }
+            }
+            if object.get("next").is_none_or(Value::is_null) {
+                break;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Deletes the token `id` with the user's login (404 counts as done).
+    pub async fn delete_token_with_login(
+        &self,
+        flavor: Flavor,
+        id: u64,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), AwxError> {
+        let basic = wire::user_basic_auth(username, password)?;
+        self.delete_once(&flavor.token_detail_path(id), basic)
+            .await
+            .map(drop)
+    }
+
     async fn token_request<'a>(
         &self,
         flavor: Flavor,

@@ -128,6 +128,7 @@ async fn issue_first(h: &mut Harness) -> (Run, World) {
                 get(STATE, Reply::not_found()),
                 get(TARGET, Reply::not_found()),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATE, Reply::stored(false)),
                 patch(STATUS, Reply::status_of(&token)),
                 patch(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
@@ -197,6 +198,7 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATE}"),
             format!("k8s PATCH {STATUS}"),
             "awx POST /api/o/token/".to_string(),
             format!("k8s PATCH {STATE}"),
@@ -233,7 +235,12 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
         ])
     );
 
+    // The request is recorded before it is sent, and cleared with the write that stores its answer.
+    let intent = fx::state_of(&run.kube(Method::PATCH, STATE)[0].body);
+    let intent = intent.issuing.expect("the intent is saved before the request");
+    assert!(intent.tag.starts_with("awxto-") && !intent.personal && !intent.gateway);
     let state_body = last_body(&run, Method::PATCH, STATE);
+    assert!(fx::state_of(state_body).issuing.is_none());
     assert_eq!(
         state_body["metadata"]["labels"]["awx-token-operator.io/role"],
         "state"
@@ -331,6 +338,7 @@ async fn first_issue_requeues_at_the_renewal_time_when_it_is_within_the_hour() {
                 get(STATE, Reply::not_found()),
                 get(TARGET, Reply::not_found()),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATE, Reply::stored(false)),
                 patch(STATUS, Reply::status_of(&token)),
                 patch(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
@@ -404,6 +412,7 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
                 get(STATE, Reply::object(fx::state_secret(&token, &state))),
                 get(TARGET, Reply::object(world.target.clone())),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATE, Reply::stored(false)),
                 patch(STATUS, Reply::status_of(&token)),
                 patch(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
@@ -419,6 +428,7 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATE}"),
             format!("k8s PATCH {STATUS}"),
             "awx POST /api/o/token/".to_string(),
             format!("k8s PATCH {STATE}"),
@@ -632,7 +642,9 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
                 get(STATE, Reply::not_found()),
                 get(TARGET, Reply::not_found()),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATE, Reply::stored(false)),
                 patch(STATUS, Reply::status_of(&token)),
+                patch(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
                 patch(STATUS, Reply::status_of(&token)),
             ],
@@ -646,8 +658,10 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            format!("k8s PATCH {STATE}"),
             format!("k8s PATCH {STATUS}"),
             "awx POST /api/o/token/".to_string(),
+            format!("k8s PATCH {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {STATUS}"),
         ]

@@ -8,6 +8,7 @@
 #[macro_use]
 mod support;
 mod ops;
+mod reliability;
 mod scenarios;
 
 use std::{
@@ -51,6 +52,9 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),
+        scenario!(reliability::crash_torture_kills_never_break_or_leak_tokens),
+        // Scenarios named serial_* disturb the whole cluster: they run alone, after the rest.
+        scenario!(reliability::serial_apiserver_restart_is_survived),
     ]
 }
 
@@ -92,7 +96,33 @@ async fn run(selected: Vec<(&'static str, Scenario)>) -> i32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
-    let results: Vec<(&str, TestResult, Duration)> = stream::iter(selected)
+    let (serial, concurrent): (Vec<_>, Vec<_>) = selected
+        .into_iter()
+        .partition(|(name, _)| name.contains("serial_"));
+    let mut results = run_batch(&env, concurrent, concurrency).await;
+    results.extend(run_batch(&env, serial, 1).await);
+
+    // Run last, over everything every operator logged during the suite.
+    let leak = scenarios::operator_logs_contain_no_secret(&env);
+    match &leak {
+        Ok(()) => println!("test operator_logs_contain_no_secret ... ok"),
+        Err(e) => println!("test operator_logs_contain_no_secret ... FAILED\n    {e}"),
+    }
+    env.stop();
+
+    let failed = results.iter().filter(|(_, r, _)| r.is_err()).count() + usize::from(leak.is_err());
+    let passed = results.len() + 1 - failed;
+    println!("\ne2e finished in {:.1}s", started.elapsed().as_secs_f64());
+    println!("e2e: {passed} passed, {failed} failed");
+    i32::from(failed > 0)
+}
+
+async fn run_batch(
+    env: &Arc<Env>,
+    selected: Vec<(&'static str, Scenario)>,
+    concurrency: usize,
+) -> Vec<(&'static str, TestResult, Duration)> {
+    stream::iter(selected)
         .map(|(name, f)| {
             let env = env.clone();
             async move {
@@ -117,19 +147,5 @@ async fn run(selected: Vec<(&'static str, Scenario)>) -> i32 {
         })
         .buffer_unordered(concurrency)
         .collect()
-        .await;
-
-    // Run last, over everything every operator logged during the suite.
-    let leak = scenarios::operator_logs_contain_no_secret(&env);
-    match &leak {
-        Ok(()) => println!("test operator_logs_contain_no_secret ... ok"),
-        Err(e) => println!("test operator_logs_contain_no_secret ... FAILED\n    {e}"),
-    }
-    env.stop();
-
-    let failed = results.iter().filter(|(_, r, _)| r.is_err()).count() + usize::from(leak.is_err());
-    let passed = results.len() + 1 - failed;
-    println!("\ne2e finished in {:.1}s", started.elapsed().as_secs_f64());
-    println!("e2e: {passed} passed, {failed} failed");
-    i32::from(failed > 0)
+        .await
 }
