@@ -237,7 +237,9 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
 
     // The request is recorded before it is sent, and cleared with the write that stores its answer.
     let intent = fx::state_of(&run.kube(Method::PATCH, STATE)[0].body);
-    let intent = intent.issuing.expect("the intent is saved before the request");
+    let intent = intent
+        .issuing
+        .expect("the intent is saved before the request");
     assert!(intent.tag.starts_with("awxto-") && !intent.personal && !intent.gateway);
     let state_body = last_body(&run, Method::PATCH, STATE);
     assert!(fx::state_of(state_body).issuing.is_none());
