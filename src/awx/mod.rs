@@ -521,35 +521,7 @@ impl AwxClient {
                 Body::Form(form),
             )
             .await?;
-        if !(200..=299).contains(&answer.status) {
-            return Err(token_endpoint_failure(&answer, grant_type, scope));
-        }
-        let object = wire::json_object(&answer)?;
-        let access_token = wire::string_field(&object, "access_token").ok_or_else(|| {
-            AwxError::UnexpectedResponse {
-                at: answer.at.clone(),
-                status: Some(answer.status),
-                detail: format!(
-                    "the token answer has no access_token (it has: {})",
-                    wire::key_names(&object)
-                ),
-            }
-        })?;
-        Ok(IssuedToken {
-            access_token: SecretString::from(access_token),
-            refresh_token: wire::string_field(&object, "refresh_token").map(SecretString::from),
-            expires_at: object
-                .get("expires_in")
-                .and_then(wire::parse_expires_in)
-                .map(|secs| wire::expires_at(answer.sent_at, secs)),
-            // RFC 6749 §5.1: an omitted scope is the one requested.
-            scope: wire::string_field(&object, "scope")
-                .unwrap_or(scope.as_str())
-                .to_owned(),
-            token_id: None,
-            user: username.cloned(),
-            kind: TokenKind::Application,
-        })
+        token_answer(&answer, grant_type, scope, username)
     }
 
     /// `POST /api/v2/tokens/` (or the gateway's) with the user's login and a JSON body (§2).
@@ -575,53 +547,7 @@ impl AwxClient {
                 Body::Json(body),
             )
             .await?;
-        if !(200..=299).contains(&answer.status) {
-            return Err(personal_token_failure(&answer, scope));
-        }
-        let object = wire::json_object(&answer)?;
-        let token = wire::string_field(&object, "token")
-            .filter(|t| !wire::is_masked(t))
-            .ok_or_else(|| AwxError::UnexpectedResponse {
-                at: answer.at.clone(),
-                status: Some(answer.status),
-                detail: format!(
-                    "the created token's value is missing or masked (the answer has: {})",
-                    wire::key_names(&object)
-                ),
-            })?;
-        // The token exists now and its value is shown only this once: an odd `expires`
-        // must not make the caller lose it.
-        let expires_at = wire::string_field(&object, "expires").and_then(|text| {
-            text.parse::<jiff::Timestamp>()
-                .inspect_err(|error| {
-                    tracing::warn!(
-                        at = %answer.at,
-                        %error,
-                        "the created token's expires field is not an RFC 3339 time; \
-                         treating its expiry as unknown"
-                    );
-                })
-                .ok()
-        });
-        let owner = object
-            .get("summary_fields")
-            .and_then(|s| s.get("user"))
-            .and_then(|u| u.get("username"))
-            .and_then(Value::as_str)
-            .unwrap_or(username);
-        Ok(IssuedToken {
-            access_token: SecretString::from(token),
-            refresh_token: wire::string_field(&object, "refresh_token")
-                .filter(|t| !wire::is_masked(t))
-                .map(SecretString::from),
-            expires_at,
-            scope: wire::string_field(&object, "scope")
-                .unwrap_or(scope.as_str())
-                .to_owned(),
-            token_id: wire::id_field(&object, "id"),
-            user: Some(owner.to_owned()),
-            kind: TokenKind::Personal,
-        })
+        personal_token_answer(&answer, username, scope)
     }
 
     /// Makes the request that should kill the token; returns its `METHOD url` for messages.
@@ -852,6 +778,99 @@ fn normalize_base_url(mut url: Url) -> Result<Url, AwxError> {
     Ok(url)
 }
 
+/// What the token endpoint's answer means: the issued token, or why there is none.
+fn token_answer(
+    answer: &Answer,
+    grant_type: &'static str,
+    scope: Scope,
+    username: Option<&String>,
+) -> Result<IssuedToken, AwxError> {
+    if !(200..=299).contains(&answer.status) {
+        return Err(token_endpoint_failure(answer, grant_type, scope));
+    }
+    let object = wire::json_object(answer)?;
+    let access_token = wire::string_field(&object, "access_token").ok_or_else(|| {
+        AwxError::UnexpectedResponse {
+            at: answer.at.clone(),
+            status: Some(answer.status),
+            detail: format!(
+                "the token answer has no access_token (it has: {})",
+                wire::key_names(&object)
+            ),
+        }
+    })?;
+    Ok(IssuedToken {
+        access_token: SecretString::from(access_token),
+        refresh_token: wire::string_field(&object, "refresh_token").map(SecretString::from),
+        expires_at: object
+            .get("expires_in")
+            .and_then(wire::parse_expires_in)
+            .map(|secs| wire::expires_at(answer.sent_at, secs)),
+        // RFC 6749 §5.1: an omitted scope is the one requested.
+        scope: wire::string_field(&object, "scope")
+            .unwrap_or(scope.as_str())
+            .to_owned(),
+        token_id: None,
+        user: username.cloned(),
+        kind: TokenKind::Application,
+    })
+}
+
+/// What the answer to `POST .../tokens/` means: the created token, or why there is none.
+fn personal_token_answer(
+    answer: &Answer,
+    username: &str,
+    scope: Scope,
+) -> Result<IssuedToken, AwxError> {
+    if !(200..=299).contains(&answer.status) {
+        return Err(personal_token_failure(answer, scope));
+    }
+    let object = wire::json_object(answer)?;
+    let token = wire::string_field(&object, "token")
+        .filter(|t| !wire::is_masked(t))
+        .ok_or_else(|| AwxError::UnexpectedResponse {
+            at: answer.at.clone(),
+            status: Some(answer.status),
+            detail: format!(
+                "the created token's value is missing or masked (the answer has: {})",
+                wire::key_names(&object)
+            ),
+        })?;
+    // The token exists now and its value is shown only this once: an odd `expires`
+    // must not make the caller lose it.
+    let expires_at = wire::string_field(&object, "expires").and_then(|text| {
+        text.parse::<jiff::Timestamp>()
+            .inspect_err(|error| {
+                tracing::warn!(
+                    at = %answer.at,
+                    %error,
+                    "the created token's expires field is not an RFC 3339 time; \
+                     treating its expiry as unknown"
+                );
+            })
+            .ok()
+    });
+    let owner = object
+        .get("summary_fields")
+        .and_then(|s| s.get("user"))
+        .and_then(|u| u.get("username"))
+        .and_then(Value::as_str)
+        .unwrap_or(username);
+    Ok(IssuedToken {
+        access_token: SecretString::from(token),
+        refresh_token: wire::string_field(&object, "refresh_token")
+            .filter(|t| !wire::is_masked(t))
+            .map(SecretString::from),
+        expires_at,
+        scope: wire::string_field(&object, "scope")
+            .unwrap_or(scope.as_str())
+            .to_owned(),
+        token_id: wire::id_field(&object, "id"),
+        user: Some(owner.to_owned()),
+        kind: TokenKind::Personal,
+    })
+}
+
 /// `GET me`: AWX answers a one-item page; accept a bare user object too.
 fn parse_me(answer: &Answer) -> Result<AwxUser, AwxError> {
     let object = wire::json_object(answer)?;
@@ -994,13 +1013,13 @@ fn personal_token_failure(answer: &Answer, scope: Scope) -> AwxError {
                     at,
                     status,
                     scope: scope.as_str(),
-                    description: Some(wire::excerpt(&answer.body)),
+                    description: Some(wire::redacted_excerpt(&answer.body)),
                 }
             } else {
                 AwxError::InvalidRequest {
                     at,
                     status,
-                    description: Some(wire::excerpt(&answer.body)),
+                    description: Some(wire::redacted_excerpt(&answer.body)),
                 }
             }
         }
@@ -1029,7 +1048,7 @@ fn common_failure(answer: &Answer) -> AwxError {
                 answer
                     .location
                     .as_deref()
-                    .map(|l| wire::excerpt(l.as_bytes()))
+                    .map(|l| wire::redacted_excerpt(l.as_bytes()))
                     .unwrap_or_else(|| "no Location".to_owned())
             ),
         },

@@ -1742,3 +1742,391 @@ fn every_error_has_a_reason_and_the_refresh_failures_alone_require_reissue() {
     assert_eq!(reissue, vec![true, true, false, false]);
     assert!(errors[3].to_string().contains("10s"));
 }
+
+// ---------------------------------------------------------------- properties
+
+/// Any answer at all, to any request: the readers never panic, errors stay short, and a
+/// token answer's values never reach an error message whatever the status says.
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::super::{
+        AwxError, Scope, common_failure, parse_me, personal_token_answer, personal_token_failure,
+        token_answer, token_endpoint_failure, transport::Answer,
+    };
+    use jiff::Timestamp;
+    use secrecy::ExposeSecret as _;
+
+    /// Longest message an answer may produce, `at` included; the controller cuts condition
+    /// messages at 2048 characters and events at 1000.
+    const MESSAGE_BOUND: usize = 1000;
+
+    const KNOWN_KEYS: [&str; 16] = [
+        "access_token",
+        "refresh_token",
+        "token",
+        "token_type",
+        "expires_in",
+        "expires",
+        "scope",
+        "error",
+        "error_description",
+        "detail",
+        "results",
+        "username",
+        "id",
+        "next",
+        "summary_fields",
+        "user",
+    ];
+
+    const GRANT_TYPES: [&str; 3] = ["password", "client_credentials", "refresh_token"];
+
+    fn sent_at() -> Timestamp {
+        Timestamp::from_second(1_700_000_000).unwrap()
+    }
+
+    fn answer(
+        status: u16,
+        content_type: Option<String>,
+        location: Option<String>,
+        body: Vec<u8>,
+    ) -> Answer {
+        Answer {
+            at: "POST https://awx.example.com/api/o/token/".to_owned(),
+            status,
+            content_type,
+            location,
+            body,
+            sent_at: sent_at(),
+        }
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(&KNOWN_KEYS[..]).prop_map(str::to_owned),
+            1 => any::<String>(),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                json_object(inner),
+            ]
+        })
+    }
+
+    fn json_object(values: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop::collection::btree_map(key(), values, 0..6)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    fn extras() -> impl Strategy<Value = Map<String, Value>> {
+        json_object(json_value()).prop_map(|v| match v {
+            Value::Object(object) => object,
+            _ => Map::new(),
+        })
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{24,48}"
+    }
+
+    fn status() -> impl Strategy<Value = u16> {
+        prop_oneof![
+            200u16..300,
+            100u16..600,
+            prop::sample::select(&[400u16, 401, 403, 500][..])
+        ]
+    }
+
+    fn content_type() -> impl Strategy<Value = Option<String>> {
+        prop_oneof![
+            Just(None),
+            Just(Some("application/json".to_owned())),
+            Just(Some("text/html; charset=utf-8".to_owned())),
+            any::<String>().prop_map(Some),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..1024),
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+            any::<String>().prop_map(String::into_bytes),
+            (any::<String>(), any::<String>()).prop_map(|(e, d)| {
+                serde_json::json!({"error": e, "error_description": d})
+                    .to_string()
+                    .into_bytes()
+            }),
+            any::<String>().prop_map(|d| serde_json::json!({"detail": d}).to_string().into_bytes()),
+        ]
+    }
+
+    /// `expires_in` as JSON text: any JSON value, or a number of any size.
+    fn expires_in_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-?[0-9]{1,60}(\\.[0-9]{1,12})?([eE][+-]?[0-9]{1,4})?",
+            any::<u64>().prop_map(|n| n.to_string()),
+            json_value().prop_map(|v| v.to_string()),
+        ]
+    }
+
+    /// Whether `text` holds 12 consecutive characters of `secret`.
+    fn leaks(text: &str, secret: &str) -> bool {
+        let chars: Vec<char> = secret.chars().collect();
+        chars
+            .windows(12)
+            .any(|w| text.contains(&w.iter().collect::<String>()))
+    }
+
+    fn short(error: &AwxError) -> Result<String, TestCaseError> {
+        let message = error.to_string();
+        prop_assert!(
+            message.chars().count() <= MESSAGE_BOUND,
+            "{} characters: {message}",
+            message.chars().count()
+        );
+        prop_assert!(!error.reason().is_empty());
+        Ok(message)
+    }
+
+    /// A body as a server might send it: whole or cut off, compact or pretty, with an
+    /// `expires_in` written as raw JSON text (so numbers of any size reach the parser).
+    fn render(object: &Map<String, Value>, expires_in: Option<&str>, pretty: bool) -> String {
+        let text = if pretty {
+            serde_json::to_string_pretty(object).unwrap()
+        } else {
+            serde_json::to_string(object).unwrap()
+        };
+        match expires_in {
+            Some(raw) => format!("{{\"expires_in\": {raw},{}", &text[1..]),
+            None => text,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_answer_to_any_request_is_classified_without_panicking(
+            status in status(),
+            content_type in content_type(),
+            location in prop::option::of(any::<String>()),
+            body in body(),
+            grant_type in prop::sample::select(&GRANT_TYPES[..]),
+            read in any::<bool>(),
+        ) {
+            let scope = if read { Scope::Read } else { Scope::Write };
+            let answer = answer(status, content_type, location, body);
+            if let Err(e) = token_answer(&answer, grant_type, scope, None) {
+                short(&e)?;
+            }
+            if let Err(e) = personal_token_answer(&answer, "svc-k8s", scope) {
+                short(&e)?;
+            }
+            if let Err(e) = parse_me(&answer) {
+                short(&e)?;
+            }
+            short(&token_endpoint_failure(&answer, grant_type, scope))?;
+            short(&personal_token_failure(&answer, scope))?;
+            let common = common_failure(&answer);
+            short(&common)?;
+            if (500..600).contains(&status) {
+                prop_assert!(common.is_retryable(), "{common}");
+            }
+        }
+
+        #[test]
+        fn token_answers_are_accepted_on_2xx_and_never_quoted_in_errors(
+            status in status(),
+            content_type in content_type(),
+            access in token(),
+            refresh in prop::option::of(token()),
+            expires_in in prop::option::of(expires_in_text()),
+            mut object in extras(),
+            pretty in any::<bool>(),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            grant_type in prop::sample::select(&GRANT_TYPES[..]),
+        ) {
+            object.remove("expires_in");
+            object.insert("access_token".to_owned(), Value::String(access.clone()));
+            object.insert("token_type".to_owned(), Value::String("Bearer".to_owned()));
+            match &refresh {
+                Some(r) => object.insert("refresh_token".to_owned(), Value::String(r.clone())),
+                None => object.remove("refresh_token"),
+            };
+            let mut text = render(&object, expires_in.as_deref(), pretty);
+            if let Some(cut) = cut {
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.truncate(at);
+            }
+            let whole = serde_json::from_str::<Value>(&text).is_ok();
+            let answer = answer(status, content_type, None, text.into_bytes());
+            match token_answer(&answer, grant_type, Scope::Write, None) {
+                Ok(issued) => {
+                    prop_assert!((200..300).contains(&status));
+                    prop_assert_eq!(issued.access_token.expose_secret(), access.as_str());
+                    prop_assert_eq!(
+                        issued.refresh_token.as_ref().map(|r| r.expose_secret().to_owned()),
+                        refresh
+                    );
+                    prop_assert!(issued.expires_at.is_none_or(|at| at >= sent_at()));
+                }
+                Err(e) => {
+                    prop_assert!(!((200..300).contains(&status) && whole), "{e}");
+                    let message = short(&e)?;
+                    let debug = format!("{e:?}");
+                    for secret in std::iter::once(&access).chain(refresh.iter()) {
+                        prop_assert!(!leaks(&message, secret), "{message}");
+                        prop_assert!(!leaks(&debug, secret), "{debug}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn personal_token_answers_are_accepted_on_2xx_and_never_quoted_in_errors(
+            status in status(),
+            content_type in content_type(),
+            value in token(),
+            id in json_value(),
+            expires in prop_oneof![
+                json_value(),
+                Just(Value::String("3024-11-28T09:58:41.123456Z".to_owned())),
+            ],
+            owner in json_value(),
+            mut object in extras(),
+            pretty in any::<bool>(),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            object.insert("token".to_owned(), Value::String(value.clone()));
+            object.insert("refresh_token".to_owned(), Value::Null);
+            object.insert("id".to_owned(), id.clone());
+            object.insert("expires".to_owned(), expires);
+            object.insert(
+                "summary_fields".to_owned(),
+                serde_json::json!({"user": {"username": owner}}),
+            );
+            let mut text = render(&object, None, pretty);
+            if let Some(cut) = cut {
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text.truncate(at);
+            }
+            let whole = serde_json::from_str::<Value>(&text).is_ok();
+            let answer = answer(status, content_type, None, text.into_bytes());
+            match personal_token_answer(&answer, "svc-k8s", Scope::Read) {
+                Ok(issued) => {
+                    prop_assert!((200..300).contains(&status));
+                    prop_assert_eq!(issued.access_token.expose_secret(), value.as_str());
+                    prop_assert_eq!(issued.token_id, id.as_u64());
+                    let expected_owner = owner.as_str().unwrap_or("svc-k8s");
+                    prop_assert_eq!(issued.user.as_deref(), Some(expected_owner));
+                }
+                Err(e) => {
+                    prop_assert!(!((200..300).contains(&status) && whole), "{e}");
+                    let message = short(&e)?;
+                    let debug = format!("{e:?}");
+                    prop_assert!(!leaks(&message, &value), "{message}");
+                    prop_assert!(!leaks(&debug, &value), "{debug}");
+                }
+            }
+        }
+
+        #[test]
+        fn oauth2_error_codes_map_to_their_reasons_at_any_4xx_status(
+            status in 400u16..500,
+            content_type in content_type(),
+            code in prop::sample::select(&[
+                "invalid_client",
+                "invalid_grant",
+                "unauthorized_client",
+                "unsupported_grant_type",
+                "invalid_scope",
+                "invalid_request",
+                "access_denied",
+            ][..]),
+            description in prop_oneof![
+                Just(None),
+                any::<String>().prop_map(Some),
+                Just(Some("Token cannot be created by users associated with an external authentication provider".to_owned())),
+            ],
+            grant_type in prop::sample::select(&GRANT_TYPES[..]),
+        ) {
+            let body = match &description {
+                Some(d) => serde_json::json!({"error": code, "error_description": d}),
+                None => serde_json::json!({"error": code}),
+            };
+            let answer = answer(status, content_type, None, body.to_string().into_bytes());
+            let error = token_endpoint_failure(&answer, grant_type, Scope::Write);
+            let external = description
+                .as_deref()
+                .is_some_and(|d| d.to_ascii_lowercase().contains("external authentication provider")
+                    || d.to_ascii_lowercase().contains("cannot be created by users associated"));
+            let expected = match (code, grant_type) {
+                ("invalid_client", _) => "InvalidClient",
+                ("invalid_grant", "refresh_token") => "RefreshTokenInvalid",
+                ("invalid_grant", _) => "InvalidCredentials",
+                ("unauthorized_client" | "unsupported_grant_type", _) => "GrantNotSupported",
+                ("invalid_scope", _) => "InvalidScope",
+                ("invalid_request", _) => "InvalidRequest",
+                ("access_denied", _) if external => "ExternalUserRefused",
+                _ => "UnexpectedResponse",
+            };
+            prop_assert_eq!(error.reason(), expected);
+            prop_assert_eq!(error.is_retryable(), expected == "UnexpectedResponse");
+            prop_assert_eq!(error.requires_reissue(), expected == "RefreshTokenInvalid");
+            prop_assert_eq!(error.http_status(), Some(status));
+            short(&error)?;
+        }
+
+        #[test]
+        fn whoami_pages_name_their_user(
+            username in any::<String>(),
+            id in json_value(),
+            mut user in extras(),
+            paged in any::<bool>(),
+            status in 200u16..300,
+        ) {
+            // A bare object with "results" is read as a page, as it should be.
+            user.remove("results");
+            user.insert("username".to_owned(), Value::String(username.clone()));
+            user.insert("id".to_owned(), id.clone());
+            let body = if paged {
+                serde_json::json!({"count": 1, "next": null, "results": [user]})
+            } else {
+                Value::Object(user)
+            };
+            let answer = answer(status, None, None, body.to_string().into_bytes());
+            match parse_me(&answer) {
+                Ok(me) => {
+                    prop_assert_eq!(me.username, username);
+                    prop_assert_eq!(me.id, id.as_u64());
+                }
+                Err(e) => {
+                    // Only an empty username names nobody.
+                    prop_assert!(username.is_empty(), "{e}");
+                    short(&e)?;
+                }
+            }
+        }
+    }
+}

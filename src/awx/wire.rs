@@ -63,13 +63,14 @@ pub(crate) fn id_field(object: &Map<String, Value>, key: &str) -> Option<u64> {
     object.get(key).and_then(Value::as_u64)
 }
 
-/// The names of an object's keys, for error messages (names only, never values).
+/// The names of an object's keys, for error messages (names only, never values), cut
+/// short like an excerpt: an object may have any number of keys.
 pub(crate) fn key_names(object: &Map<String, Value>) -> String {
     let names: Vec<&str> = object.keys().map(String::as_str).collect();
     if names.is_empty() {
         "none".to_owned()
     } else {
-        names.join(", ")
+        excerpt(names.join(", ").as_bytes())
     }
 }
 
@@ -78,13 +79,18 @@ pub(crate) fn is_masked(value: &str) -> bool {
     value == "$encrypted$" || value.chars().all(|c| c == '*')
 }
 
-/// The first characters of a body, whitespace collapsed, for error messages.
+/// The first characters of a body, whitespace collapsed and control characters replaced
+/// (they would garble logs and terminals), for error messages.
 pub(crate) fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let mut out = String::new();
     let mut chars = 0;
     for word in text.split_whitespace() {
         if !out.is_empty() {
+            if chars >= EXCERPT_CHARS {
+                out.push('…');
+                return out;
+            }
             out.push(' ');
             chars += 1;
         }
@@ -93,11 +99,82 @@ pub(crate) fn excerpt(body: &[u8]) -> String {
                 out.push('…');
                 return out;
             }
-            out.push(c);
+            out.push(if c.is_control() { '\u{fffd}' } else { c });
             chars += 1;
         }
     }
     out
+}
+
+/// Keys whose values are tokens or credentials: never quoted in a message.
+const SECRET_KEYS: [&str; 6] = [
+    "access_token",
+    "refresh_token",
+    "token",
+    "id_token",
+    "password",
+    "client_secret",
+];
+
+/// Like [`excerpt`], for text that may hold a token: a server can send a token answer with
+/// an error status, a proxy can cut one off, a redirect can carry one. JSON has the values
+/// of token and credential keys replaced; other text naming a token key is not quoted.
+pub(crate) fn redacted_excerpt(body: &[u8]) -> String {
+    if let Ok(mut value) = serde_json::from_slice::<Value>(body) {
+        return if redact(&mut value) {
+            excerpt(value.to_string().as_bytes())
+        } else {
+            excerpt(body)
+        };
+    }
+    if names_a_secret(&String::from_utf8_lossy(body)) {
+        "a body that seems to hold a token, not quoted".to_owned()
+    } else {
+        excerpt(body)
+    }
+}
+
+/// Whether text that is not JSON (cut-off JSON, a form, a URL) mentions a token, or has a
+/// JSON key or form field named like a credential. `type="password"` in a login page is
+/// neither, so such pages are still quoted.
+fn names_a_secret(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("access_token") || lower.contains("refresh_token") {
+        return true;
+    }
+    SECRET_KEYS.iter().any(|key| {
+        let quoted = format!("\"{key}\"");
+        let json_key = lower
+            .match_indices(&quoted)
+            .any(|(at, _)| lower[at + quoted.len()..].trim_start().starts_with(':'));
+        let field = format!("{key}=");
+        let form_field = lower
+            .match_indices(&field)
+            .any(|(at, _)| lower[..at].is_empty() || lower[..at].ends_with(['&', '?', '#', ';']));
+        json_key || form_field
+    })
+}
+
+/// Replaces the values of [`SECRET_KEYS`] at any depth; whether there was one.
+fn redact(value: &mut Value) -> bool {
+    match value {
+        Value::Object(object) => {
+            let mut found = false;
+            for (key, item) in object.iter_mut() {
+                if SECRET_KEYS.iter().any(|k| key.eq_ignore_ascii_case(k)) {
+                    *item = Value::String("[redacted]".to_owned());
+                    found = true;
+                } else {
+                    found |= redact(item);
+                }
+            }
+            found
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |found, item| redact(item) | found),
+        _ => false,
+    }
 }
 
 /// Whether an answer is HTML (a login page, a proxy's error page) rather than JSON.
@@ -123,7 +200,7 @@ pub(crate) fn json_object(answer: &Answer) -> Result<Map<String, Value>, AwxErro
             detail: format!(
                 "AWX answered HTML instead of JSON ({}); check the URL: a proxy, a login page \
                  or another web application may be answering at that address",
-                excerpt(&answer.body)
+                redacted_excerpt(&answer.body)
             ),
         });
     }
@@ -170,7 +247,8 @@ pub(crate) fn oauth_error(body: &[u8]) -> Option<OAuthError> {
     let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
-    let error = string_field(&object, "error")?.to_owned();
+    // Error codes are short words; anything else is cut like any text from the server.
+    let error = excerpt(string_field(&object, "error")?.as_bytes());
     let description = string_field(&object, "error_description").map(|d| excerpt(d.as_bytes()));
     Some(OAuthError { error, description })
 }
@@ -183,7 +261,7 @@ pub(crate) fn detail_text(body: &[u8]) -> String {
     {
         return excerpt(detail.as_bytes());
     }
-    let text = excerpt(body);
+    let text = redacted_excerpt(body);
     if text.is_empty() {
         "empty body".to_owned()
     } else {
@@ -356,5 +434,236 @@ mod tests {
         assert!(is_masked("************"));
         assert!(is_masked("$encrypted$"));
         assert!(!is_masked("Qm7rT2vX9kLpA4sZ8nB1cD5eF3gH6j"));
+    }
+
+    #[test]
+    fn redacted_excerpt_hides_token_values_in_json_and_withholds_cut_off_token_answers() {
+        let body = br#"{"access_token": "Qm7rT2vX9kLpA4sZ8nB1", "nested": [{"Refresh_Token": "Zx8Yw7Vu6Ts5Rq4Po3Nm"}], "scope": "write"}"#;
+        let text = redacted_excerpt(body);
+        assert!(!text.contains("Qm7rT2vX9kLpA4sZ8nB1"), "{text}");
+        assert!(!text.contains("Zx8Yw7Vu6Ts5Rq4Po3Nm"), "{text}");
+        assert!(
+            text.contains("[redacted]") && text.contains("write"),
+            "{text}"
+        );
+        let cut = redacted_excerpt(br#"{"token_type": "Bearer", "access_token": "Qm7rT2vX9k"#);
+        assert!(!cut.contains("Qm7rT2vX9k"), "{cut}");
+        assert_eq!(
+            redacted_excerpt(b"access_token=Qm7rT2vX9kLpA4sZ8nB1&token_type=Bearer"),
+            "a body that seems to hold a token, not quoted"
+        );
+        // Bodies without tokens are quoted as they are, whitespace collapsed.
+        assert_eq!(
+            redacted_excerpt(b"<h1>Bad\n Gateway</h1>"),
+            "<h1>Bad Gateway</h1>"
+        );
+        assert_eq!(
+            redacted_excerpt(br#"{"scope": ["Must be read or write."]}"#),
+            r#"{"scope": ["Must be read or write."]}"#
+        );
+        assert_eq!(
+            detail_text(br#"{"access_token":"Qm7rT2vX9kLpA4sZ8nB1"}"#),
+            r#"{"access_token":"[redacted]"}"#
+        );
+    }
+
+    #[test]
+    fn excerpt_replaces_control_characters() {
+        assert_eq!(excerpt(b"a\x1b[31mred\x00"), "a\u{fffd}[31mred\u{fffd}");
+    }
+
+    #[test]
+    fn key_names_of_a_huge_object_are_cut_short() {
+        let object: Map<String, Value> = (0..100_000)
+            .map(|i| (format!("key{i}"), Value::Null))
+            .collect();
+        assert!(key_names(&object).chars().count() <= EXCERPT_CHARS + 1);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Keys AWX, the gateway and DRF use, so generated objects hit the interesting paths.
+        const KNOWN_KEYS: [&str; 16] = [
+            "access_token",
+            "refresh_token",
+            "token",
+            "token_type",
+            "expires_in",
+            "expires",
+            "scope",
+            "error",
+            "error_description",
+            "detail",
+            "results",
+            "username",
+            "id",
+            "next",
+            "summary_fields",
+            "user",
+        ];
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => prop::sample::select(&KNOWN_KEYS[..]).prop_map(str::to_owned),
+                1 => any::<String>(),
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| {
+                    serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                }),
+                any::<String>().prop_map(Value::String),
+                key().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(key(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// JSON number text of any size, including ones no machine type holds.
+        fn number_text() -> impl Strategy<Value = String> {
+            "-?[0-9]{1,60}(\\.[0-9]{1,12})?([eE][+-]?[0-9]{1,4})?"
+        }
+
+        fn token() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9_-]{24,48}"
+        }
+
+        /// Whether `text` holds 12 consecutive characters of `secret`.
+        fn leaks(text: &str, secret: &str) -> bool {
+            let chars: Vec<char> = secret.chars().collect();
+            chars
+                .windows(12)
+                .any(|w| text.contains(&w.iter().collect::<String>()))
+        }
+
+        fn answer(status: u16, content_type: Option<String>, body: Vec<u8>) -> Answer {
+            Answer {
+                at: "POST https://awx.example.com/api/o/token/".to_owned(),
+                status,
+                content_type,
+                location: None,
+                body,
+                sent_at: Timestamp::from_second(1_700_000_000).unwrap(),
+            }
+        }
+
+        fn content_type() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                Just(None),
+                Just(Some("application/json".to_owned())),
+                Just(Some("text/html; charset=utf-8".to_owned())),
+                Just(Some("TEXT/HTML".to_owned())),
+                any::<String>().prop_map(Some),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn excerpts_of_any_bytes_are_short_and_free_of_control_characters(
+                body in prop::collection::vec(any::<u8>(), 0..2048),
+            ) {
+                for text in [excerpt(&body), redacted_excerpt(&body), detail_text(&body)] {
+                    prop_assert!(text.chars().count() <= EXCERPT_CHARS + 1);
+                    prop_assert!(!text.chars().any(char::is_control), "{text:?}");
+                }
+            }
+
+            #[test]
+            fn readers_of_any_answer_never_panic_and_stay_short(
+                status in 100u16..600,
+                content_type in content_type(),
+                body in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..1024),
+                    json_value().prop_map(|v| v.to_string().into_bytes()),
+                    any::<String>().prop_map(String::into_bytes),
+                ],
+            ) {
+                let answer = answer(status, content_type, body);
+                let _ = is_html(&answer);
+                if let Err(e) = json_object(&answer) {
+                    prop_assert!(e.to_string().chars().count() < 1024);
+                }
+                if let Some(oauth) = oauth_error(&answer.body) {
+                    prop_assert!(oauth.error.chars().count() <= EXCERPT_CHARS + 1);
+                    prop_assert!(oauth
+                        .description
+                        .is_none_or(|d| d.chars().count() <= EXCERPT_CHARS + 1));
+                }
+                prop_assert!(detail_text(&answer.body).chars().count() <= EXCERPT_CHARS + 1);
+            }
+
+            #[test]
+            fn token_values_under_secret_keys_are_never_quoted(
+                secret in token(),
+                secret_key in prop::sample::select(&SECRET_KEYS[..]),
+                uppercase in any::<bool>(),
+                value in json_value(),
+                depth in 0usize..4,
+                cut in any::<prop::sample::Index>(),
+                pretty in any::<bool>(),
+            ) {
+                let key = if uppercase { secret_key.to_ascii_uppercase() } else { secret_key.to_owned() };
+                let mut object = match value {
+                    Value::Object(object) => object,
+                    other => Map::from_iter([("other".to_owned(), other)]),
+                };
+                object.insert(key, Value::String(secret.clone()));
+                let mut body = Value::Object(object);
+                for _ in 0..depth {
+                    body = serde_json::json!({"data": [body]});
+                }
+                let text = if pretty {
+                    serde_json::to_string_pretty(&body).unwrap()
+                } else {
+                    body.to_string()
+                };
+                let status_of = |b: &[u8]| answer(500, Some("text/html".to_owned()), b.to_vec());
+                for bytes in [text.as_bytes(), &text.as_bytes()[..cut.index(text.len() + 1)]] {
+                    for shown in [
+                        redacted_excerpt(bytes),
+                        detail_text(bytes),
+                        json_object(&status_of(bytes)).err().map(|e| e.to_string()).unwrap_or_default(),
+                    ] {
+                        prop_assert!(!leaks(&shown, &secret), "{shown}");
+                    }
+                }
+            }
+
+            #[test]
+            fn expires_in_of_any_size_or_type_gives_an_expiry_at_or_after_sending(
+                number in number_text(),
+                value in json_value(),
+                seconds in any::<u64>(),
+                sent in Timestamp::MIN.as_second()..=Timestamp::MAX.as_second(),
+            ) {
+                let sent = Timestamp::from_second(sent).unwrap();
+                prop_assert!(expires_at(sent, seconds) >= sent);
+                prop_assert!(expires_at(sent, seconds) <= expires_at(sent, seconds.saturating_add(1)));
+                // Numbers too large for f64 are a JSON error, not a panic.
+                if let Ok(parsed) = serde_json::from_str::<Value>(&number)
+                    && let Some(secs) = parse_expires_in(&parsed)
+                {
+                    prop_assert!(expires_at(sent, secs) >= sent);
+                }
+                if let Some(secs) = parse_expires_in(&value) {
+                    prop_assert!(expires_at(sent, secs) >= sent);
+                }
+            }
+        }
     }
 }
