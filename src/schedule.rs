@@ -59,9 +59,13 @@ impl RenewalSchedule {
             due = due.min(add(refresh_issued, REFRESH_TOKEN_LIFETIME - margin));
         }
         let window = span(issued, due);
-        let jitter = (window / 10)
-            .min(MAX_JITTER)
-            .mul_f64(self.jitter.clamp(0.0, 0.999));
+        // NaN would make mul_f64 panic; it means "no jitter".
+        let fraction = if self.jitter.is_nan() {
+            0.0
+        } else {
+            self.jitter.clamp(0.0, 0.999)
+        };
+        let jitter = (window / 10).min(MAX_JITTER).mul_f64(fraction);
         sub(due, jitter).max(issued)
     }
 }
@@ -79,7 +83,16 @@ pub fn failure_backoff(
     }
     let exp = failed_attempts.saturating_sub(1).min(30);
     let raw = base.saturating_mul(1u32 << exp).min(max);
-    raw.mul_f64(1.0 + 0.2 * jitter.clamp(0.0, 1.0)).min(max)
+    // Only the stretch goes through floating point: `raw.mul_f64(1.2)` panics when `max` is
+    // near Duration::MAX, and a NaN jitter would make it panic at any size.
+    let fraction = if jitter.is_nan() {
+        0.0
+    } else {
+        jitter.clamp(0.0, 1.0)
+    };
+    let stretch =
+        Duration::try_from_secs_f64(raw.as_secs_f64() * 0.2 * fraction).unwrap_or(Duration::ZERO);
+    raw.saturating_add(stretch).min(max)
 }
 
 /// Delay until `at`, clamped to [0, MAX_REQUEUE].
@@ -245,5 +258,133 @@ mod tests {
             Duration::from_secs(300)
         );
         assert_eq!(failure_backoff(1, base, max, 1.0), Duration::from_secs(6));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn timestamp() -> impl Strategy<Value = Timestamp> {
+            prop_oneof![
+                Just(Timestamp::MIN),
+                Just(Timestamp::MAX),
+                (
+                    Timestamp::MIN.as_second()..=Timestamp::MAX.as_second(),
+                    0..1_000_000_000i32
+                )
+                    .prop_map(|(s, n)| Timestamp::new(s, n).unwrap_or(Timestamp::MAX)),
+                (1_600_000_000i64..1_900_000_000).prop_map(|s| Timestamp::from_second(s).unwrap()),
+            ]
+        }
+
+        fn duration() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                Just(Duration::ZERO),
+                Just(Duration::MAX),
+                (any::<u64>(), 0..1_000_000_000u32).prop_map(|(s, n)| Duration::new(s, n)),
+                (0u64..100 * 365 * 86_400).prop_map(Duration::from_secs),
+                (0u64..10_000).prop_map(Duration::from_millis),
+            ]
+        }
+
+        fn fraction() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                0.0..1.0,
+                any::<f64>(),
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(f64::NEG_INFINITY),
+                Just(-0.0),
+                Just(1.0),
+            ]
+        }
+
+        fn schedule() -> impl Strategy<Value = RenewalSchedule> {
+            (
+                timestamp(),
+                prop::option::of(timestamp()),
+                duration(),
+                prop_oneof![
+                    duration().prop_map(RenewBefore::Fixed),
+                    any::<u8>().prop_map(RenewBefore::Percentage),
+                ],
+                prop::option::of(timestamp()),
+                fraction(),
+            )
+                .prop_map(
+                    |(
+                        issued_at,
+                        expires_at,
+                        rotate_every,
+                        renew_before,
+                        refresh_issued_at,
+                        jitter,
+                    )| {
+                        RenewalSchedule {
+                            issued_at,
+                            expires_at,
+                            rotate_every,
+                            renew_before,
+                            refresh_issued_at,
+                            jitter,
+                        }
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn renewal_time_is_never_before_issue_nor_after_the_limits(s in schedule()) {
+                let at = s.renewal_time();
+                prop_assert!(at >= s.issued_at, "{} before {}", at, s.issued_at);
+                prop_assert!(at <= add(s.issued_at, s.rotate_every).max(s.issued_at));
+                if let Some(expires) = s.expires_at {
+                    prop_assert!(at <= expires.max(s.issued_at), "{} after expiry {}", at, expires);
+                }
+                if let Some(refreshed) = s.refresh_issued_at {
+                    prop_assert!(at <= add(refreshed, REFRESH_TOKEN_LIFETIME).max(s.issued_at));
+                }
+                // The jitter only moves the time earlier, by at most 5 minutes and 10% of the
+                // time from issue to renewal.
+                let unjittered = RenewalSchedule { jitter: 0.0, ..s }.renewal_time();
+                prop_assert!(at <= unjittered);
+                let taken = span(at, unjittered);
+                prop_assert!(taken <= MAX_JITTER, "{:?}", taken);
+                prop_assert!(taken <= span(s.issued_at, unjittered) / 10, "{:?}", taken);
+                prop_assert_eq!(at, s.renewal_time());
+            }
+
+            #[test]
+            fn backoff_never_exceeds_max_and_grows_with_failures(
+                attempts in prop_oneof![0u32..40, any::<u32>()],
+                base in duration(),
+                max in duration(),
+                jitter in fraction(),
+            ) {
+                let wait = failure_backoff(attempts, base, max, jitter);
+                prop_assert!(wait <= max, "{:?} > {:?}", wait, max);
+                if attempts == 0 {
+                    prop_assert_eq!(wait, Duration::ZERO);
+                } else {
+                    prop_assert!(wait >= base.min(max), "{:?} < {:?}", wait, base.min(max));
+                    let next = failure_backoff(attempts.saturating_add(1), base, max, jitter);
+                    prop_assert!(next >= wait, "{:?} then {:?}", wait, next);
+                }
+            }
+
+            #[test]
+            fn time_arithmetic_saturates_instead_of_panicking(
+                t in timestamp(),
+                u in timestamp(),
+                d in duration(),
+            ) {
+                prop_assert!(add(t, d) >= t);
+                prop_assert!(sub(t, d) <= t);
+                prop_assert!(requeue_delay(t, u) <= MAX_REQUEUE);
+                prop_assert_eq!(span(t, u) == Duration::ZERO, u <= t);
+            }
+        }
     }
 }
