@@ -51,6 +51,9 @@ fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
 /// and approach what timers can represent.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 const MIN_ROTATE_EVERY: Duration = Duration::from_secs(1);
+/// Kubernetes allows 256 KiB of annotations per object; the operator adds its own (its
+/// AwxToken's name and a hash), so the user's get all but 1 KiB.
+const MAX_ANNOTATIONS_SIZE: usize = 255 * 1024;
 
 pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     let url = parse_url(&spec.awx.url, spec.awx.allow_insecure_http)?;
@@ -162,7 +165,7 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         if key == &secret.keys.token || key == &secret.keys.host {
             return Err(invalid(
                 "secret.extraKeys",
-                format!("key {key:?} is already used by secret.keys"),
+                format!("key {} is already used by secret.keys", quoted(key)),
             ));
         }
     }
@@ -171,12 +174,37 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         if value.len() > 63 {
             return Err(invalid(
                 "secret.labels",
-                format!("value of label {key:?} is longer than 63 characters"),
+                format!(
+                    "value of label {} is longer than 63 characters",
+                    quoted(key)
+                ),
+            ));
+        }
+        if !is_label_value(value) {
+            return Err(invalid(
+                "secret.labels",
+                format!(
+                    "value {} of label {} may hold only letters, digits, '-', '_' and '.', and \
+                     must start and end with a letter or digit",
+                    quoted(value),
+                    quoted(key)
+                ),
             ));
         }
     }
-    for key in secret.annotations.keys() {
+    let mut annotations_size = 0;
+    for (key, value) in secret.annotations.iter() {
         check_qualified_name("secret.annotations", key)?;
+        annotations_size += key.len() + value.len();
+    }
+    if annotations_size > MAX_ANNOTATIONS_SIZE {
+        return Err(invalid(
+            "secret.annotations",
+            format!(
+                "keys and values total {annotations_size} bytes; Kubernetes allows 256 KiB per \
+                 object, of which {MAX_ANNOTATIONS_SIZE} bytes are left for these"
+            ),
+        ));
     }
     for target in &spec.rollout_restart_targets {
         check_name("rolloutRestartTargets.name", &target.name)?;
@@ -207,7 +235,12 @@ fn parse_url(text: &str, allow_insecure_http: bool) -> Result<Url, SpecError> {
                 "must use https:// (set awx.allowInsecureHttp: true to allow http://)",
             ));
         }
-        other => return Err(invalid(FIELD, format!("scheme {other:?} is not http(s)"))),
+        other => {
+            return Err(invalid(
+                FIELD,
+                format!("scheme {} is not http(s)", quoted(other)),
+            ));
+        }
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(FIELD, "has no host"));
@@ -228,38 +261,47 @@ fn parse_url(text: &str, allow_insecure_http: bool) -> Result<Url, SpecError> {
     Ok(url)
 }
 
-/// Kubernetes object name (DNS subdomain).
-fn check_name(field: &'static str, name: &str) -> Result<(), SpecError> {
-    let ok = !name.is_empty()
+/// Kubernetes object name: a DNS-1123 subdomain, dot-separated labels of lowercase letters,
+/// digits and '-' that start and end with a letter or digit, at most 253 characters.
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
+        && name.split('.').all(|label| {
+            label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && label.ends_with(|c: char| c.is_ascii_alphanumeric())
+        })
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<(), SpecError> {
+    if is_dns_subdomain(name) {
         Ok(())
     } else {
         Err(invalid(
             field,
-            format!("{:?} is not a valid Kubernetes object name", truncate(name)),
+            format!("{} is not a valid Kubernetes object name", quoted(name)),
         ))
     }
 }
 
-/// Secret data key: [-._a-zA-Z0-9]+, at most 253 characters.
+/// Secret data key: [-._a-zA-Z0-9]+, at most 253 characters, and (because a mounted Secret
+/// becomes files) neither "." nor ".." nor starting with "..".
 fn check_secret_key(field: &'static str, key: &str) -> Result<(), SpecError> {
     let ok = !key.is_empty()
         && key.len() <= 253
         && key
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && key != "."
+        && !key.starts_with("..");
     if ok {
         Ok(())
     } else {
         Err(invalid(
             field,
-            format!("{:?} is not a valid Secret key", truncate(key)),
+            format!("{} is not a valid Secret key", quoted(key)),
         ))
     }
 }
@@ -270,33 +312,57 @@ fn check_qualified_name(field: &'static str, key: &str) -> Result<(), SpecError>
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if name_ok && prefix.is_none_or(|p| check_name(field, p).is_ok()) {
+    let name_ok = !name.is_empty() && is_label_value(name);
+    if name_ok && prefix.is_none_or(is_dns_subdomain) {
         Ok(())
     } else {
         Err(invalid(
             field,
-            format!("{:?} is not a valid label or annotation key", truncate(key)),
+            format!("{} is not a valid label or annotation key", quoted(key)),
         ))
     }
 }
 
-fn truncate(text: &str) -> String {
-    text.chars().take(64).collect()
+/// Label value (and the name part of a label key): empty, or at most 63 letters, digits,
+/// '-', '_' and '.' that start and end with a letter or digit.
+fn is_label_value(value: &str) -> bool {
+    value.is_empty()
+        || (value.len() <= 63
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && value.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+/// `text` quoted and escaped for a message, cut short: messages echo what the user wrote so
+/// they can find it, but a spec field can be megabytes long.
+fn quoted(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut out = String::from("\"");
+    let mut shown = 0;
+    for c in text.chars() {
+        let escaped: String = match c {
+            '\'' => c.to_string(),
+            _ => c.escape_debug().collect(),
+        };
+        shown += escaped.chars().count();
+        if shown > MAX_CHARS {
+            out.push('…');
+            break;
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
 }
 
 /// Parses durations like `90s`, `1h30m`, `7d`, `500ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
         format!(
-            "{:?} is not a duration like 30s, 5m, 24h, 7d or 1h30m",
-            truncate(text)
+            "{} is not a duration like 30s, 5m, 24h, 7d or 1h30m",
+            quoted(text)
         )
     };
     if text.is_empty() {
@@ -532,5 +598,723 @@ mod tests {
     fn long_values_are_truncated_in_messages() {
         let e = error_of(|s| s.grant.credentials_secret_ref.name = "X".repeat(10_000));
         assert!(e.message.len() < 200, "{}", e.message.len());
+    }
+
+    #[test]
+    fn urls_with_credentials_in_any_form_are_refused_without_echoing_them() {
+        for url in [
+            "https://bot@awx.example.com",
+            "https://:hunter2@awx.example.com",
+            "https://bot:hunter2@awx.example.com:8443/awx",
+            "https://b%40t:hun%3Ater2@awx.example.com",
+            // Looks like the host, is the user name: the request would go to evil.example.
+            "https://awx.example.com@evil.example",
+            "https://awx.example.com:hunter2@evil.example",
+        ] {
+            let e = error_of(|s| s.awx.url = url.into());
+            assert_eq!(e.field, "awx.url", "{url}");
+            assert!(e.message.contains("credentials"), "{url}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{url}: {e}");
+            assert!(!e.to_string().contains("evil"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn urls_with_fragments_queries_or_other_schemes_are_refused() {
+        for (url, needle) in [
+            // The fragment hides where the request really goes.
+            ("https://evil.example#@awx.example.com", "query or fragment"),
+            ("https://awx.example.com/#", "query or fragment"),
+            ("https://awx.example.com/?", "query or fragment"),
+            ("https://awx.example.com/api?next=/", "query or fragment"),
+            (
+                "file:///var/run/secrets/kubernetes.io/serviceaccount/token",
+                "scheme \"file\"",
+            ),
+            ("ftp://awx.example.com/", "scheme \"ftp\""),
+            ("gopher://127.0.0.1:6379/_INFO", "scheme \"gopher\""),
+            ("javascript:alert(1)", "scheme \"javascript\""),
+            ("data:text/plain,hi", "scheme \"data\""),
+            ("ws://awx.example.com/", "scheme \"ws\""),
+            ("unix:/var/run/docker.sock", "scheme \"unix\""),
+            ("awx.example.com", "not a valid URL"),
+            ("//awx.example.com", "not a valid URL"),
+            ("https://", "not a valid URL"),
+            ("https://[fe80::1%25eth0]/", "not a valid URL"),
+            ("https://[::1", "not a valid URL"),
+        ] {
+            let e = error_of(|s| {
+                s.awx.url = url.into();
+                s.awx.allow_insecure_http = true;
+            });
+            assert_eq!(e.field, "awx.url", "{url}");
+            assert!(e.message.contains(needle), "{url}: {e}");
+        }
+        let e = error_of(|s| s.awx.url = format!("{}://awx.example.com", "x".repeat(100_000)));
+        assert!(e.to_string().len() < 200, "{}", e.to_string().len());
+    }
+
+    #[test]
+    fn ip_literals_and_odd_host_spellings_normalise_to_the_host_the_allow_list_sees() {
+        for (url, insecure, host, normalised) in [
+            (
+                "https://[::1]:8443/awx",
+                false,
+                "[::1]:8443",
+                "https://[::1]:8443/awx/",
+            ),
+            (
+                "https://[2001:DB8::1]/",
+                false,
+                "[2001:db8::1]",
+                "https://[2001:db8::1]/",
+            ),
+            (
+                "http://[::ffff:127.0.0.1]:8052",
+                true,
+                "[::ffff:7f00:1]:8052",
+                "http://[::ffff:7f00:1]:8052/",
+            ),
+            // Numeric IPv4 spellings become the dotted form before the allow-list sees them.
+            (
+                "https://2130706433/",
+                false,
+                "127.0.0.1",
+                "https://127.0.0.1/",
+            ),
+            ("https://0x7f.1/", false, "127.0.0.1", "https://127.0.0.1/"),
+            (
+                "HTTPS://AWX.Example.COM:443",
+                false,
+                "awx.example.com",
+                "https://awx.example.com/",
+            ),
+            // A backslash ends the authority in http(s) URLs, as in browsers and reqwest.
+            (
+                "https://awx.example.com\\@evil.example/",
+                false,
+                "awx.example.com",
+                "https://awx.example.com/@evil.example/",
+            ),
+            (
+                "  https://awx.example.com \n",
+                false,
+                "awx.example.com",
+                "https://awx.example.com/",
+            ),
+        ] {
+            let mut s = spec();
+            s.awx.url = url.into();
+            s.awx.allow_insecure_http = insecure;
+            let v = validate(&s).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(v.host, host, "{url}");
+            assert_eq!(v.url.as_str(), normalised, "{url}");
+        }
+    }
+
+    #[test]
+    fn names_and_keys_the_api_server_would_refuse_are_refused() {
+        for name in [
+            "a..b", "a.-b", "a-.b", ".a", "a.", "-a", "a-", "A", "a_b", "ä", "",
+        ] {
+            assert_eq!(
+                error_of(|s| s.secret.name = Some(name.into())).field,
+                "secret.name",
+                "{name:?}"
+            );
+            assert_eq!(
+                error_of(|s| s.grant.credentials_secret_ref.name = name.into()).field,
+                "grant.credentialsSecretRef.name",
+                "{name:?}"
+            );
+        }
+        for key in [
+            ".",
+            "..",
+            "..data",
+            "...",
+            "a b",
+            "a/b",
+            "ключ",
+            "",
+            &"k".repeat(254),
+        ] {
+            assert_eq!(
+                error_of(|s| s.secret.keys.token = key.into()).field,
+                "secret.keys.token",
+                "{key:?}"
+            );
+            assert_eq!(
+                error_of(|s| {
+                    s.secret.extra_keys.insert(key.into(), SecretValue::Token);
+                })
+                .field,
+                "secret.extraKeys",
+                "{key:?}"
+            );
+        }
+        let mut s = spec();
+        s.secret.name = Some(format!("{}.example", "a".repeat(100)));
+        s.secret.keys.token = ".hidden.token".into();
+        s.secret.extra_keys.insert("a..b".into(), SecretValue::Host);
+        assert!(validate(&s).is_ok());
+        assert_eq!(
+            error_of(|s| {
+                s.rollout_restart_targets.push(RolloutRestartTarget {
+                    kind: WorkloadKind::Deployment,
+                    name: "Api".into(),
+                });
+            })
+            .field,
+            "rolloutRestartTargets.name"
+        );
+    }
+
+    #[test]
+    fn extra_keys_colliding_with_either_key_are_refused() {
+        for (taken, value) in [("token", SecretValue::Host), ("host", SecretValue::Host)] {
+            let e = error_of(|s| {
+                s.secret.extra_keys.insert(taken.into(), value);
+            });
+            assert_eq!(e.field, "secret.extraKeys", "{taken}");
+            assert!(e.message.contains("already used"), "{e}");
+        }
+        let e = error_of(|s| {
+            s.secret.keys.token = "TOWER_OAUTH_TOKEN".into();
+            s.secret
+                .extra_keys
+                .insert("TOWER_OAUTH_TOKEN".into(), SecretValue::Token);
+        });
+        assert_eq!(e.field, "secret.extraKeys");
+    }
+
+    #[test]
+    fn label_and_annotation_keys_and_values_follow_kubernetes_rules() {
+        for (key, value) in [
+            ("ünïcode", "v"),
+            ("app.kubernetes.io/ñame", "v"),
+            ("Example.com/team", "v"),
+            ("a..b/team", "v"),
+            ("a/b/c", "v"),
+            ("/team", "v"),
+            ("team/", "v"),
+            (&*"k".repeat(64), "v"),
+            (&*format!("{}/team", "p".repeat(254)), "v"),
+            ("team", "has space"),
+            ("team", "ü"),
+            ("team", "-lead"),
+            ("team", "trail_"),
+            ("team", "a/b"),
+            ("team", "line\nbreak"),
+        ] {
+            let e = error_of(|s| {
+                s.secret.labels.insert(key.into(), value.into());
+            });
+            assert_eq!(e.field, "secret.labels", "{key:?}: {value:?}");
+            assert!(e.to_string().chars().count() < 300, "{e}");
+        }
+        for key in ["ünïcode", "a/b/c", "/x", "x/"] {
+            let e = error_of(|s| {
+                s.secret.annotations.insert(key.into(), "v".into());
+            });
+            assert_eq!(e.field, "secret.annotations", "{key:?}");
+        }
+        let mut s = spec();
+        s.secret.labels.insert("team".into(), String::new());
+        s.secret
+            .labels
+            .insert("app.kubernetes.io/part-of".into(), "a.b_c-D9".into());
+        s.secret
+            .labels
+            .insert(format!("{}/x", "p".repeat(253)), "v".repeat(63));
+        // Annotation values are free text.
+        s.secret
+            .annotations
+            .insert("note".into(), "ünïcode\nand spaces ✓".into());
+        assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn annotations_beyond_what_kubernetes_stores_are_refused() {
+        let e = error_of(|s| {
+            s.secret
+                .annotations
+                .insert("big".into(), "x".repeat(256 * 1024));
+        });
+        assert_eq!(e.field, "secret.annotations");
+        let e = error_of(|s| {
+            for i in 0..300 {
+                s.secret
+                    .annotations
+                    .insert(format!("a{i}"), "x".repeat(1000));
+            }
+        });
+        assert_eq!(e.field, "secret.annotations");
+        assert!(e.message.contains("bytes"), "{e}");
+        let mut s = spec();
+        s.secret
+            .annotations
+            .insert("big".into(), "x".repeat(200 * 1024));
+        assert!(validate(&s).is_ok());
+    }
+
+    #[test]
+    fn ten_thousand_labels_are_validated_quickly() {
+        let mut s = spec();
+        for i in 0..10_000 {
+            s.secret
+                .labels
+                .insert(format!("example.com/label-{i}"), format!("value-{i}"));
+            // About 230 KB in all: within what Kubernetes stores.
+            s.secret
+                .annotations
+                .insert(format!("example.com/note-{i}"), "x".into());
+            s.secret
+                .extra_keys
+                .insert(format!("KEY_{i}"), SecretValue::Token);
+        }
+        let started = std::time::Instant::now();
+        assert!(validate(&s).is_ok());
+        s.secret
+            .labels
+            .insert("zzz-last".into(), "not valid!".into());
+        let e = validate(&s).unwrap_err();
+        assert_eq!(e.field, "secret.labels");
+        assert!(e.to_string().chars().count() < 300, "{e}");
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    }
+
+    #[test]
+    fn huge_and_hostile_inputs_give_short_messages() {
+        let huge = "\u{202e}\u{0}\u{1b}[2J".repeat(100_000);
+        for e in [
+            error_of(|s| s.awx.url = huge.clone()),
+            error_of(|s| s.secret.name = Some(huge.clone())),
+            error_of(|s| s.secret.keys.host = huge.clone()),
+            error_of(|s| {
+                s.secret.labels.insert(huge.clone(), "v".into());
+            }),
+            error_of(|s| {
+                s.secret.labels.insert("k".into(), huge.clone());
+            }),
+            error_of(|s| s.renewal.rotate_every = huge.clone()),
+            error_of(|s| s.renewal.renew_before = Some(huge.clone())),
+        ] {
+            let text = e.to_string();
+            assert!(text.chars().count() < 300, "{}", text.chars().count());
+            // Control characters are escaped, never echoed raw.
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Every `field` a SpecError may name.
+        const FIELDS: [&str; 23] = [
+            "awx.url",
+            "awx.caBundleSecretRef.name",
+            "awx.caBundleSecretRef.key",
+            "grant.description",
+            "grant.credentialsSecretRef.name",
+            "grant.credentialsSecretRef.usernameKey",
+            "grant.credentialsSecretRef.passwordKey",
+            "grant.credentialsSecretRef.clientIdKey",
+            "grant.credentialsSecretRef.clientSecretKey",
+            "renewal.rotateEvery",
+            "renewal.renewBefore",
+            "renewal.renewBeforePercentage",
+            "renewal.revokeGracePeriod",
+            "renewal.verifyEvery",
+            "renewal.strategy",
+            "secret.name",
+            "secret.keys",
+            "secret.keys.token",
+            "secret.keys.host",
+            "secret.extraKeys",
+            "secret.labels",
+            "secret.annotations",
+            "rolloutRestartTargets.name",
+        ];
+
+        /// Longest message a rejection may have, whatever the input.
+        const MESSAGE_BOUND: usize = 300;
+
+        const HOSTILE: [&str; 22] = [
+            "",
+            ".",
+            "..",
+            "...",
+            "..data",
+            "a..b",
+            "a.-b",
+            "-a",
+            "a-",
+            "A",
+            "a/b/c",
+            "/a",
+            "a/",
+            "ä",
+            "\u{0}",
+            "\n",
+            "a b",
+            "\u{202e}rtl",
+            "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+            "0",
+            "x.example.com/name",
+            "\\\"quoted\\\"",
+        ];
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                2 => any::<String>(),
+                2 => "[a-z0-9.-]{0,12}",
+                2 => "[-._a-zA-Z0-9]{0,12}",
+                1 => "([a-z0-9.-]{1,12}/)?[-._a-zA-Z0-9]{0,12}",
+                1 => prop::sample::select(&HOSTILE[..]).prop_map(str::to_owned),
+                1 => ("[a-z.]{1,3}|.", 60usize..20_000).prop_map(|(s, n)| s.repeat(n)),
+            ]
+        }
+
+        fn duration_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                text(),
+                "([0-9]{1,14}(ms|s|m|h|d|x|))+",
+                (
+                    0u64..1_000_000,
+                    prop::sample::select(&["ms", "s", "m", "h", "d"][..])
+                )
+                    .prop_map(|(n, unit)| format!("{n}{unit}")),
+            ]
+        }
+
+        fn url_text() -> impl Strategy<Value = String> {
+            let usually = |common: &'static str, odd: &'static str| prop_oneof![3 => Just(common.to_owned()), 1 => odd.prop_map(|s: String| s)];
+            let parts = (
+                usually(
+                    "https",
+                    "(http|HTTPS|file|ftp|gopher|javascript|data|ws|[a-z][a-z0-9+.-]{0,8})",
+                ),
+                usually("://", "(:/|:|:///|://)"),
+                usually("", "([a-z%0-9]{0,6}(:[a-z%0-9]{0,6})?@)?"),
+                usually(
+                    "awx.example.com",
+                    "(\\[[0-9a-f:.]{2,24}(%25[a-z0-9]{1,4})?\\]|[a-z0-9.-]{0,20}|[0-9]{1,10}|0x[0-9a-f]{1,8}|[a-zä]{1,8}\\.example)",
+                ),
+                "(:[0-9]{0,6})?",
+                "(/[a-z/.%\\\\@]{0,12})?",
+                usually("", "(\\?[a-z=&]{0,6})?"),
+                usually("", "(#[a-z@.]{0,8})?"),
+            );
+            prop_oneof![
+                3 => parts.prop_map(|(a, b, c, d, e, f, g, h)| format!("{a}{b}{c}{d}{e}{f}{g}{h}")),
+                1 => text(),
+            ]
+        }
+
+        /// Sometimes a hostile value, mostly the valid default so later checks are reached.
+        fn maybe<T: std::fmt::Debug + Clone>(
+            s: impl Strategy<Value = T>,
+        ) -> impl Strategy<Value = Option<T>> {
+            prop_oneof![7 => Just(None), 1 => s.prop_map(Some)]
+        }
+
+        // The API server's rules, written independently of the code under test.
+
+        fn api_object_name(s: &str) -> bool {
+            let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+            !s.is_empty()
+                && s.len() <= 253
+                && s.chars().all(|c| alnum(c) || c == '-' || c == '.')
+                && s.starts_with(alnum)
+                && s.ends_with(alnum)
+                && !s.contains("..")
+                && !s.contains(".-")
+                && !s.contains("-.")
+        }
+
+        fn api_label_name(s: &str) -> bool {
+            let alnum = |c: char| c.is_ascii_alphanumeric();
+            (1..=63).contains(&s.len())
+                && s.chars().all(|c| alnum(c) || "-_.".contains(c))
+                && s.starts_with(alnum)
+                && s.ends_with(alnum)
+        }
+
+        fn api_qualified_name(s: &str) -> bool {
+            let parts: Vec<&str> = s.split('/').collect();
+            match parts[..] {
+                [name] => api_label_name(name),
+                [prefix, name] => api_object_name(prefix) && api_label_name(name),
+                _ => false,
+            }
+        }
+
+        fn api_secret_key(s: &str) -> bool {
+            (1..=253).contains(&s.len())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && s != "."
+                && s != ".."
+                && !s.starts_with("..")
+        }
+
+        fn check_rejection(e: &SpecError) -> Result<(), TestCaseError> {
+            let text = e.to_string();
+            prop_assert!(FIELDS.contains(&e.field), "unknown field {}", e.field);
+            prop_assert!(text.starts_with(&format!("spec.{}: ", e.field)), "{}", text);
+            prop_assert!(
+                text.chars().count() <= MESSAGE_BOUND,
+                "{} characters: {}",
+                text.chars().count(),
+                text
+            );
+            prop_assert!(!text.chars().any(char::is_control), "{:?}", text);
+            Ok(())
+        }
+
+        fn check_url(v: &ValidSpec, allow_http: bool) -> Result<(), TestCaseError> {
+            let url = &v.url;
+            prop_assert!(
+                url.scheme() == "https" || (allow_http && url.scheme() == "http"),
+                "{}",
+                url
+            );
+            prop_assert!(url.host_str().is_some_and(|h| !h.is_empty()), "{}", url);
+            prop_assert!(
+                url.username().is_empty() && url.password().is_none(),
+                "{}",
+                url
+            );
+            prop_assert!(url.query().is_none() && url.fragment().is_none(), "{}", url);
+            prop_assert!(url.path().ends_with('/'), "{}", url);
+            prop_assert!(!v.host.is_empty());
+            prop_assert!(crate::decide::host_allowed(
+                std::slice::from_ref(&v.host),
+                &v.host
+            ));
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_spec_is_accepted_soundly_or_rejected_naming_a_field_briefly(
+                (url, allow_http, timeout, percentage) in
+                    (maybe(url_text()), any::<bool>(), any::<u32>(), maybe(any::<u8>())),
+                (rotate, before, grace, verify) in (
+                    maybe(duration_text()),
+                    maybe(duration_text()),
+                    maybe(duration_text()),
+                    maybe(duration_text()),
+                ),
+                (grant_type, refresh, description) in (
+                    prop::sample::select(&[
+                        GrantType::Password,
+                        GrantType::ClientCredentials,
+                        GrantType::PersonalAccessToken,
+                    ][..]),
+                    any::<bool>(),
+                    maybe(text()),
+                ),
+                credentials in prop::array::uniform5(maybe(text())),
+                ca in maybe((text(), text())),
+                (name, token_key, host_key) in (maybe(text()), maybe(text()), maybe(text())),
+                labels in maybe(prop::collection::btree_map(text(), text(), 0..6)),
+                annotations in maybe(prop::collection::btree_map(text(), text(), 0..6)),
+                extra in maybe(prop::collection::btree_map(
+                    text(),
+                    prop::sample::select(&[SecretValue::Token, SecretValue::Host][..]),
+                    0..6,
+                )),
+                target in maybe(text()),
+            ) {
+                let mut s = spec();
+                if let Some(url) = url {
+                    s.awx.url = url;
+                }
+                s.awx.allow_insecure_http = allow_http;
+                s.awx.timeout_seconds = timeout;
+                s.renewal.renew_before_percentage = percentage;
+                if let Some(d) = rotate {
+                    s.renewal.rotate_every = d;
+                }
+                s.renewal.renew_before = before;
+                if let Some(d) = grace {
+                    s.renewal.revoke_grace_period = d;
+                }
+                if let Some(d) = verify {
+                    s.renewal.verify_every = d;
+                }
+                s.grant.type_ = grant_type;
+                if refresh {
+                    s.renewal.strategy = RenewalStrategy::Refresh;
+                }
+                s.grant.description = description;
+                let refs = &mut s.grant.credentials_secret_ref;
+                for (field, value) in [
+                    &mut refs.name,
+                    &mut refs.username_key,
+                    &mut refs.password_key,
+                    &mut refs.client_id_key,
+                    &mut refs.client_secret_key,
+                ]
+                .into_iter()
+                .zip(credentials)
+                {
+                    if let Some(value) = value {
+                        *field = value;
+                    }
+                }
+                s.awx.ca_bundle_secret_ref =
+                    ca.map(|(name, key)| SecretKeySelector { name, key });
+                s.secret.name = name;
+                if let Some(key) = token_key {
+                    s.secret.keys.token = key;
+                }
+                if let Some(key) = host_key {
+                    s.secret.keys.host = key;
+                }
+                s.secret.labels = labels.unwrap_or_default();
+                s.secret.annotations = annotations.unwrap_or_default();
+                s.secret.extra_keys = extra.unwrap_or_default();
+                if let Some(name) = target {
+                    s.rollout_restart_targets.push(RolloutRestartTarget {
+                        kind: WorkloadKind::StatefulSet,
+                        name,
+                    });
+                }
+
+                match validate(&s) {
+                    Err(e) => check_rejection(&e)?,
+                    Ok(v) => {
+                        check_url(&v, s.awx.allow_insecure_http)?;
+                        prop_assert!((1..=366 * 86_400).contains(&v.rotate_every.as_secs()));
+                        prop_assert!(v.revoke_grace_period <= Duration::from_secs(366 * 86_400));
+                        prop_assert!(v.verify_every.is_none_or(|d| d >= Duration::from_secs(10)));
+                        prop_assert!((1..=300).contains(&v.timeout.as_secs()));
+                        if let RenewBefore::Percentage(p) = v.renew_before {
+                            prop_assert!((1..=99).contains(&p));
+                        }
+                        if s.grant.type_ == GrantType::PersonalAccessToken {
+                            prop_assert_eq!(v.strategy, RenewalStrategy::Reissue);
+                        }
+                        let refs = &s.grant.credentials_secret_ref;
+                        prop_assert!(api_object_name(&refs.name));
+                        for key in [
+                            &refs.username_key,
+                            &refs.password_key,
+                            &refs.client_id_key,
+                            &refs.client_secret_key,
+                        ] {
+                            prop_assert!(api_secret_key(key), "{:?}", key);
+                        }
+                        if let Some(ca) = &s.awx.ca_bundle_secret_ref {
+                            prop_assert!(api_object_name(&ca.name) && api_secret_key(&ca.key));
+                        }
+                        for t in &s.rollout_restart_targets {
+                            prop_assert!(api_object_name(&t.name), "{:?}", t.name);
+                        }
+                    }
+                }
+            }
+
+            /// What the target Secret is made of is accepted exactly when the API server would
+            /// accept the Secret (and the keys do not collide).
+            #[test]
+            fn secret_fields_are_accepted_exactly_when_the_api_server_would_accept_them(
+                name in prop::option::of(text()),
+                token_key in prop_oneof![Just("token".to_owned()), text()],
+                host_key in prop_oneof![Just("host".to_owned()), text()],
+                labels in prop::collection::btree_map(text(), text(), 0..6),
+                annotations in prop::collection::btree_map(text(), text(), 0..6),
+                extra in prop::collection::btree_map(
+                    text(),
+                    prop::sample::select(&[SecretValue::Token, SecretValue::Host][..]),
+                    0..6,
+                ),
+            ) {
+                let mut s = spec();
+                s.secret.name = name.clone();
+                s.secret.keys.token = token_key.clone();
+                s.secret.keys.host = host_key.clone();
+                s.secret.labels = labels.clone();
+                s.secret.annotations = annotations.clone();
+                s.secret.extra_keys = extra.clone();
+                let annotation_bytes: usize =
+                    annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let api_accepts = name.as_deref().is_none_or(api_object_name)
+                    && api_secret_key(&token_key)
+                    && api_secret_key(&host_key)
+                    && extra.keys().all(|k| api_secret_key(k))
+                    && labels.iter().all(|(k, v)| {
+                        api_qualified_name(k) && (v.is_empty() || api_label_name(v))
+                    })
+                    && annotations.keys().all(|k| api_qualified_name(k))
+                    && annotation_bytes <= 255 * 1024;
+                let distinct = token_key != host_key
+                    && !extra.contains_key(&token_key)
+                    && !extra.contains_key(&host_key);
+                let result = validate(&s);
+                if let Err(e) = &result {
+                    check_rejection(e)?;
+                }
+                prop_assert_eq!(result.is_ok(), api_accepts && distinct, "{:?}", result.err());
+            }
+
+            #[test]
+            fn urls_are_accepted_only_as_https_or_allowed_http_with_a_bare_host(
+                url in url_text(),
+                password in "P[A-Z0-9]{8}",
+                with_password in any::<bool>(),
+                allow_http in any::<bool>(),
+            ) {
+                let url = if with_password {
+                    url.replacen("://", &format!("://bot:{password}@"), 1)
+                } else {
+                    url
+                };
+                let mut s = spec();
+                s.awx.url = url.clone();
+                s.awx.allow_insecure_http = allow_http;
+                match validate(&s) {
+                    Ok(v) => check_url(&v, allow_http)?,
+                    Err(e) => {
+                        check_rejection(&e)?;
+                        prop_assert_eq!(e.field, "awx.url");
+                        prop_assert!(!e.to_string().contains(&password), "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn durations_parse_without_panicking_and_add_up(
+                text in duration_text(),
+                parts in prop::collection::vec(
+                    (0u64..1_000_000_000_000, prop::sample::select(&["ms", "s", "m", "h", "d"][..])),
+                    1..6,
+                ),
+            ) {
+                if let Err(message) = parse_duration(&text) {
+                    prop_assert!(message.chars().count() <= 200, "{}", message);
+                    prop_assert!(!message.chars().any(char::is_control), "{:?}", message);
+                }
+                let written: String = parts.iter().map(|(n, unit)| format!("{n}{unit}")).collect();
+                let expected = parts.iter().fold(Duration::ZERO, |sum, (n, unit)| {
+                    let secs = |factor: u64| Duration::from_secs(n.saturating_mul(factor));
+                    sum.saturating_add(match *unit {
+                        "ms" => Duration::from_millis(*n),
+                        "s" => secs(1),
+                        "m" => secs(60),
+                        "h" => secs(3600),
+                        _ => secs(86_400),
+                    })
+                });
+                prop_assert_eq!(parse_duration(&written), Ok(expected));
+            }
+        }
     }
 }
