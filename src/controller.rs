@@ -1472,6 +1472,18 @@ impl Reconciler<'_> {
             return Ok(Action::await_change());
         }
         let valid = spec::validate(&token.spec).map_err(|e| Error::Revoke(e.to_string()))?;
+        // The URL may have changed since the tokens were issued: a deletion must not become
+        // a way around the allow-list (it would send tokens and credentials there).
+        if let Some(allowed) = &self.ctx.settings.allowed_hosts
+            && !decide::host_allowed(allowed, &valid.host)
+        {
+            return Err(Error::Revoke(format!(
+                "AWX host {:?} is not in the operator's --allowed-awx-hosts, so the tokens \
+                 cannot be revoked there; no request was sent. To delete without revoking set \
+                 annotation {SKIP_REVOKE_ANNOTATION}: \"true\"",
+                valid.host
+            )));
+        }
         let inputs = read_inputs(token, &valid, &self.secrets).await?;
         let (revocation, ca) = match &inputs {
             Ok(i) => (i.revocation(), i.ca_bundle.clone()),

@@ -469,7 +469,12 @@ impl Harness {
     /// A new operator process against the same AWX: nothing kept in memory (failure
     /// history, the event recorder's cache of recent events).
     pub fn restart(&mut self) {
-        let (ctx, handle) = operator();
+        self.restart_with(Settings::default());
+    }
+
+    /// [`Harness::restart`] with other operator settings (flags).
+    pub fn restart_with(&mut self, settings: Settings) {
+        let (ctx, handle) = operator_with(settings);
         self.ctx = ctx;
         self.handle = Some(handle);
     }
@@ -542,9 +547,13 @@ impl Harness {
 }
 
 fn operator() -> (Arc<Context>, ApiHandle) {
+    operator_with(Settings::default())
+}
+
+fn operator_with(settings: Settings) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NAMESPACE);
-    let ctx = Context::new(client, Settings::default(), Arc::new(Metrics::new()), None);
+    let ctx = Context::new(client, settings, Arc::new(Metrics::new()), None);
     (Arc::new(ctx), handle)
 }
 

@@ -610,6 +610,31 @@ async fn delete_with_skip_revoke_removes_the_finalizer_without_asking_awx() {
     assert_eq!(run.action(), &Action::await_change());
 }
 
+#[tokio::test]
+async fn delete_sends_nothing_to_a_host_outside_the_allow_list() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    // The operator now allows only another host: the URL the tokens were issued at is out.
+    h.restart_with(super::Settings {
+        allowed_hosts: Some(vec!["awx.example.com".to_string()]),
+        ..super::Settings::default()
+    });
+    let token = fx::deleting(&world.token);
+
+    let run = h
+        .reconcile(&token, vec![get(STATE, Reply::object(world.state.clone()))])
+        .await;
+
+    assert_eq!(run.timeline(), [format!("k8s GET {STATE}")]);
+    let error = run
+        .result
+        .as_ref()
+        .expect_err("the finalizer must stay")
+        .to_string();
+    assert!(error.contains("--allowed-awx-hosts"), "{error}");
+    assert!(error.contains(SKIP_REVOKE_ANNOTATION), "{error}");
+}
+
 fn assert_finalizer_removed(run: &Run) {
     let call = &run.kube(Method::PATCH, AWX_TOKEN)[0];
     assert_eq!(
