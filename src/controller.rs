@@ -497,7 +497,7 @@ async fn read_inputs(
 pub async fn reconcile(token: Arc<AwxToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let ns = token.namespace().unwrap_or_default();
-    let span = info_span!("reconcile", namespace = %ns, name = %token.name_any());
+    let span = info_span!("reconcile", namespace = %ns, awxtoken = %token.name_any());
     let api: Api<AwxToken> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, token, |event| async {
         match event {

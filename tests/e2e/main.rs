@@ -46,6 +46,8 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(operator_restarts_converge_without_leaks),
         scenario!(invalid_spec_and_conflicts_are_reported),
         scenario!(metrics_and_health_endpoints),
+        scenario!(owned_secret_is_repaired_after_edit_and_delete),
+        scenario!(readiness_waits_for_caches_and_json_logs_carry_the_object),
         scenario!(awx_faults_give_clear_conditions_and_recover),
         scenario!(external_user_is_refused_with_a_clear_message),
         scenario!(expired_refresh_token_falls_back_to_the_grant),

@@ -944,6 +944,22 @@ pub async fn invalid_spec_and_conflicts_are_reported(env: Arc<Env>) -> TestResul
             .contains("localhost:1"),
         "message names the host"
     );
+    // No reach into other namespaces: a Secret of that name elsewhere is not used.
+    let elsewhere = env.namespace("e2e-invalid-other").await?;
+    let (other_id, other_secret) = s
+        .awx
+        .create_app(&format!("{}-other", s.ns), "password", &s.user)
+        .await?;
+    env.credentials(
+        &elsewhere,
+        "missing",
+        &[
+            ("username", &s.user),
+            ("password", &s.password),
+            ("client_id", &other_id),
+            ("client_secret", &other_secret),
+        ],
+    )?;
     env.apply(&awx_token(
         &s.ns,
         "nocreds",
@@ -1062,10 +1078,157 @@ pub fn operator_logs_contain_no_secret(env: &Env) -> TestResult {
         }
     }
     ensure!(bytes > 0, "operator logs are empty");
+    // Events and AwxToken statuses of every namespace.
+    let mut published = 0;
+    for kind in [
+        "events.events.k8s.io",
+        "events",
+        "awxtokens.awx-token-operator.io",
+    ] {
+        let text = env.kubectl(&["get", kind, "-A", "-o", "json"])?;
+        published += text.len();
+        for secret in &secrets {
+            ensure!(
+                !text.contains(secret.as_str()),
+                "{kind} contain a secret value"
+            );
+        }
+    }
     println!(
-        "    checked {} secret values against {} operator logs ({bytes} bytes)",
+        "    checked {} secret values against {} operator logs ({bytes} bytes) and all events and statuses ({published} bytes)",
         secrets.len(),
         logs.len()
+    );
+    Ok(())
+}
+
+pub async fn owned_secret_is_repaired_after_edit_and_delete(env: Arc<Env>) -> TestResult {
+    let s = setup(&env, "e2e-repair", "awx", &[]).await?;
+    s.password_credentials(&env, "creds").await?;
+    env.apply(&awx_token(
+        &s.ns,
+        "rep",
+        &s.awx.url,
+        "Password",
+        "creds",
+        json!({}),
+    ))?;
+    wait_ready(&env, &s.ns, "rep", "True", None).await?;
+    let token = env
+        .secret_value(&s.ns, "rep", "token")
+        .await?
+        .ok_or("no token")?;
+    let requests = s.awx.requests_for(&s.user).await?.len();
+    env.kubectl(&[
+        "patch",
+        "secret",
+        "rep",
+        "-n",
+        &s.ns,
+        "--type=merge",
+        "-p",
+        r#"{"stringData":{"token":"tampered"}}"#,
+    ])?;
+    wait_for(
+        "the edited Secret to be repaired",
+        READY_TIMEOUT,
+        || async {
+            Ok(
+                (env.secret_value(&s.ns, "rep", "token").await?.as_deref() == Some(token.as_str()))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    env.kubectl(&["delete", "secret", "rep", "-n", &s.ns])?;
+    wait_for("the deleted Secret to come back", READY_TIMEOUT, || async {
+        Ok(
+            (env.secret_value(&s.ns, "rep", "token").await?.as_deref() == Some(token.as_str()))
+                .then_some(()),
+        )
+    })
+    .await?;
+    ensure_eq!(
+        s.awx.requests_for(&s.user).await?.len(),
+        requests,
+        "repairs need no new token"
+    );
+    Ok(())
+}
+
+pub async fn readiness_waits_for_caches_and_json_logs_carry_the_object(
+    env: Arc<Env>,
+) -> TestResult {
+    let s = setup(&env, "e2e-readyz", "awx", &["--log-format", "json"]).await?;
+    // An operator whose API server does not answer stays alive but not ready.
+    let dead = env.run_dir.join("dead.kubeconfig");
+    let kubeconfig = std::fs::read_to_string(&env.kubeconfig).map_err(|e| e.to_string())?;
+    let port = crate::support::free_port();
+    let rewritten: String = kubeconfig
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("server:") {
+                format!("    server: https://127.0.0.1:{port}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&dead, rewritten).map_err(|e| e.to_string())?;
+    let unsynced = env.start_operator_as(&s.ns, &[], &dead, &[])?;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", unsynced.port);
+    wait_for(
+        "/healthz of the unsynced operator",
+        READY_TIMEOUT,
+        || async {
+            Ok(reqwest::get(url("/healthz"))
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(drop))
+        },
+    )
+    .await?;
+    let readyz = reqwest::get(url("/readyz"))
+        .await
+        .map_err(|e| e.to_string())?;
+    ensure_eq!(
+        readyz.status().as_u16(),
+        503,
+        "/readyz before the caches sync"
+    );
+    // The healthy one becomes ready, and logs JSON lines with the object in the span.
+    let ready = format!("http://127.0.0.1:{}/readyz", s.op.port);
+    wait_for("/readyz 200 after sync", READY_TIMEOUT, || async {
+        Ok(reqwest::get(&ready)
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+            .map(drop))
+    })
+    .await?;
+    s.password_credentials(&env, "creds").await?;
+    env.apply(&awx_token(
+        &s.ns,
+        "j",
+        &s.awx.url,
+        "Password",
+        "creds",
+        json!({}),
+    ))?;
+    wait_ready(&env, &s.ns, "j", "True", None).await?;
+    let log = std::fs::read_to_string(&s.op.log).map_err(|e| e.to_string())?;
+    let mut with_object = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {line}: {e}"))?;
+        if v["span"]["namespace"] == s.ns.as_str() && v["span"]["awxtoken"] == "j" {
+            with_object += 1;
+        }
+    }
+    ensure!(
+        with_object > 0,
+        "no log line carries the reconcile span with namespace and name"
     );
     Ok(())
 }
@@ -1094,6 +1257,11 @@ pub async fn awx_faults_give_clear_conditions_and_recover(env: Arc<Env>) -> Test
             json!({"mode": "hang", "paths": ["/api/o/token/"]}),
             "Timeout",
             "5",
+        ),
+        (
+            json!({"mode": "reset", "paths": ["/api/o/token/"]}),
+            "AwxUnreachable",
+            "127.0.0.1",
         ),
     ] {
         s.awx.set_fault(fault.clone()).await?;

@@ -233,6 +233,26 @@ impl Env {
         Operator::start(self, namespace, extra, log)
     }
 
+    /// Like `start_operator`, but authenticated by `kubeconfig` instead of the admin one (e.g.
+    /// a ServiceAccount's token), with extra environment variables (e.g. what the downward API
+    /// sets in a pod).
+    pub fn start_operator_as(
+        &self,
+        namespace: &str,
+        extra: &[&str],
+        kubeconfig: &Path,
+        vars: &[(String, String)],
+    ) -> Result<Operator, String> {
+        let log = self.run_dir.join(format!(
+            "operator-{namespace}-{}.log",
+            self.operator_logs.lock().unwrap().len()
+        ));
+        self.operator_logs.lock().unwrap().push(log.clone());
+        let mut op = Operator::new(self, namespace, extra, log, kubeconfig, vars);
+        op.spawn()?;
+        Ok(op)
+    }
+
     pub async fn secret(&self, ns: &str, name: &str) -> Result<Option<Secret>, String> {
         Api::<Secret>::namespaced(self.client.clone(), ns)
             .get_opt(name)
@@ -282,8 +302,11 @@ impl Env {
 
     /// Creates a Secret with string data.
     pub fn credentials(&self, ns: &str, name: &str, data: &[(&str, &str)]) -> TestResult {
-        for (_, v) in data {
-            self.remember_secret(v);
+        // Usernames and client ids are not secret (status shows the user).
+        for (k, v) in data {
+            if !matches!(*k, "username" | "client_id") {
+                self.remember_secret(v);
+            }
         }
         let string_data: serde_json::Map<String, Value> = data
             .iter()
@@ -602,21 +625,36 @@ pub struct Operator {
     args: Vec<String>,
     kubeconfig: PathBuf,
     bin: PathBuf,
+    /// Extra environment variables of the process.
+    vars: Vec<(String, String)>,
 }
 
 impl Operator {
     fn start(env: &Env, namespace: &str, extra: &[&str], log: PathBuf) -> Result<Operator, String> {
-        let mut op = Operator {
+        let mut op = Operator::new(env, namespace, extra, log, &env.kubeconfig, &[]);
+        op.spawn()?;
+        Ok(op)
+    }
+
+    /// An operator process not started yet.
+    fn new(
+        env: &Env,
+        namespace: &str,
+        extra: &[&str],
+        log: PathBuf,
+        kubeconfig: &Path,
+        vars: &[(String, String)],
+    ) -> Operator {
+        Operator {
             child: None,
             port: free_port(),
             log,
             namespace: namespace.to_string(),
             args: extra.iter().map(|s| s.to_string()).collect(),
-            kubeconfig: env.kubeconfig.clone(),
+            kubeconfig: kubeconfig.to_path_buf(),
             bin: env.operator_bin.clone(),
-        };
-        op.spawn()?;
-        Ok(op)
+            vars: vars.to_vec(),
+        }
     }
 
     fn spawn(&mut self) -> TestResult {
@@ -632,6 +670,7 @@ impl Operator {
             .args(["--http-addr", &format!("127.0.0.1:{}", self.port)])
             .args(["--backoff-base", "1s", "--backoff-max", "8s"])
             .args(&self.args)
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", &self.kubeconfig)
             .env(
                 "RUST_LOG",
