@@ -12,7 +12,7 @@ rm -rf "$DEMO"; mkdir -p "$DEMO/operator"
 
 say "building the operator"
 (cd "$ROOT" && cargo build --quiet --bin awx-token-operator)
-BIN="$ROOT/target/debug/awx-token-operator"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/awx-token-operator"
 
 say "starting the test cluster (first run builds kube-apiserver from Debian's source: ~6 min)"
 "$ROOT/tests/env/up.sh" "$DEMO"
