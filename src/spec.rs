@@ -54,6 +54,8 @@ const MIN_ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// Kubernetes allows 256 KiB of annotations per object; the operator adds its own (its
 /// AwxToken's name and a hash), so the user's get all but 1 KiB.
 const MAX_ANNOTATIONS_SIZE: usize = 255 * 1024;
+/// Prefix of the Secrets the operator keeps its token state in (`secrets::state_secret_name`).
+const STATE_SECRET_PREFIX: &str = "awx-token-operator-state-";
 
 pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     let url = parse_url(&spec.awx.url, spec.awx.allow_insecure_http)?;
@@ -150,6 +152,17 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     }
     if let Some(name) = &spec.secret.name {
         check_name("secret.name", name)?;
+        // The operator's state Secrets: writing a token Secret over one would erase the
+        // tokens it must remember, and they could then never be revoked.
+        if name.starts_with(STATE_SECRET_PREFIX) {
+            return Err(invalid(
+                "secret.name",
+                format!(
+                    "names starting with {STATE_SECRET_PREFIX:?} are reserved for the \
+                     operator's state Secrets"
+                ),
+            ));
+        }
     }
     let secret = &spec.secret;
     check_secret_key("secret.keys.token", &secret.keys.token)?;
@@ -771,6 +784,20 @@ mod tests {
     }
 
     #[test]
+    fn state_secret_names_are_reserved() {
+        let e = error_of(|s| s.secret.name = Some(crate::secrets::state_secret_name("ci-bot")));
+        assert_eq!(e.field, "secret.name");
+        assert!(e.message.contains("reserved"), "{e}");
+        let e = error_of(|s| {
+            s.secret.name = Some(crate::secrets::state_secret_name(&"a".repeat(253)));
+        });
+        assert_eq!(e.field, "secret.name");
+        let mut s = spec();
+        s.secret.name = Some("awx-token-operator-state".into());
+        assert!(validate(&s).is_ok());
+    }
+
+    #[test]
     fn extra_keys_colliding_with_either_key_are_refused() {
         for (taken, value) in [("token", SecretValue::Host), ("host", SecretValue::Host)] {
             let e = error_of(|s| {
@@ -1246,6 +1273,9 @@ mod tests {
                 s.secret.extra_keys = extra.clone();
                 let annotation_bytes: usize =
                     annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let reserved = name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("awx-token-operator-state-"));
                 let api_accepts = name.as_deref().is_none_or(api_object_name)
                     && api_secret_key(&token_key)
                     && api_secret_key(&host_key)
@@ -1262,7 +1292,12 @@ mod tests {
                 if let Err(e) = &result {
                     check_rejection(e)?;
                 }
-                prop_assert_eq!(result.is_ok(), api_accepts && distinct, "{:?}", result.err());
+                prop_assert_eq!(
+                    result.is_ok(),
+                    api_accepts && distinct && !reserved,
+                    "{:?}",
+                    result.err()
+                );
             }
 
             #[test]
