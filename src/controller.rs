@@ -899,14 +899,20 @@ impl Reconciler<'_> {
                 continue;
             }
             state_changed = true;
-            match client
-                .revoke(
-                    retiring.flavor(),
-                    &retiring.to_revoke(),
-                    &inputs.revocation(),
-                )
-                .await
-            {
+            let outcome =
+                match self.revoking_client(&retiring, &client, &valid, inputs.ca_bundle.as_deref())
+                {
+                    Ok(at) => {
+                        at.revoke(
+                            retiring.flavor(),
+                            &retiring.to_revoke(),
+                            &retiring.revocation(&inputs.revocation()),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+            match outcome {
                 Ok(()) => {
                     info!("revoked a replaced token");
                     self.ctx
@@ -1022,7 +1028,16 @@ impl Reconciler<'_> {
     ) -> HeldToken {
         let refresh_issued_at = issued.refresh_token.is_some().then_some(self.now);
         let renewal_time = self.renewal_time(self.now, issued.expires_at, refresh_issued_at, valid);
+        let app = inputs
+            .client
+            .as_ref()
+            .filter(|_| !matches!(issued.kind, TokenKind::Personal));
         HeldToken {
+            client_id: app.map(|c| c.client_id.clone()),
+            client_secret: app
+                .and_then(|c| c.client_secret.as_ref())
+                .map(|s| Sensitive::new(secrecy::ExposeSecret::expose_secret(s))),
+            url: Some(valid.url.to_string()),
             access_token: Sensitive::new(secrecy::ExposeSecret::expose_secret(
                 &issued.access_token,
             )),
@@ -1108,6 +1123,43 @@ impl Reconciler<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The client that can revoke `retiring`: the AWX that issued it, which is not the one in
+    /// the spec any more when spec.awx.url changed. That host must still be allowed.
+    fn revoking_client(
+        &self,
+        retiring: &crate::state::RetiringToken,
+        current: &AwxClient,
+        valid: &ValidSpec,
+        ca_bundle: Option<&[u8]>,
+    ) -> Result<AwxClient, AwxError> {
+        let Some(url) = retiring.url.as_deref().filter(|u| *u != valid.url.as_str()) else {
+            return Ok(current.clone());
+        };
+        let url = url::Url::parse(url).map_err(|e| AwxError::InvalidEndpoint {
+            detail: format!("the URL that issued the token is unreadable: {e}"),
+        })?;
+        let host = spec::host_of(&url);
+        if let Some(allowed) = &self.ctx.settings.allowed_hosts
+            && !decide::host_allowed(allowed, &host)
+        {
+            return Err(AwxError::InvalidEndpoint {
+                detail: format!(
+                    "the token was issued by {host}, which is not in --allowed-awx-hosts any more; revoke it there by hand"
+                ),
+            });
+        }
+        let issuer = ValidSpec {
+            url,
+            host,
+            ..valid.clone()
+        };
+        self.ctx.awx.client(
+            &issuer,
+            self.token.spec.awx.insecure_skip_tls_verify,
+            ca_bundle,
+        )
     }
 
     /// Renewal time of a token issued at `issued_at`; the jitter is derived from the object and
@@ -1468,7 +1520,9 @@ impl Reconciler<'_> {
             }
             Err(e) => return Err(e),
         };
-        if !exists || (state.current.is_none() && state.retiring.is_empty()) {
+        if !exists
+            || (state.current.is_none() && state.retiring.is_empty() && state.issuing.is_none())
+        {
             return Ok(Action::await_change());
         }
         let valid = spec::validate(&token.spec).map_err(|e| Error::Revoke(e.to_string()))?;
@@ -1505,6 +1559,12 @@ impl Reconciler<'_> {
                 ca.as_deref(),
             )
             .map_err(|e| Error::Revoke(e.to_string()))?;
+        // A token request interrupted just before the delete: its personal token is findable.
+        if let (Some(intent), Ok(inputs)) = (state.issuing.take(), &inputs) {
+            self.recover_interrupted_issue(&client, inputs, &intent)
+                .await
+                .map_err(|e| Error::Revoke(e.to_string()))?;
+        }
         let mut all: Vec<_> = state.retiring.drain(..).collect();
         if let Some(current) = state.current.take() {
             all.push(current.retire(self.now));
@@ -1512,10 +1572,18 @@ impl Reconciler<'_> {
         let mut failed = Vec::new();
         let mut last_error = None;
         for retiring in all {
-            match client
-                .revoke(retiring.flavor(), &retiring.to_revoke(), &revocation)
-                .await
-            {
+            let outcome = match self.revoking_client(&retiring, &client, &valid, ca.as_deref()) {
+                Ok(at) => {
+                    at.revoke(
+                        retiring.flavor(),
+                        &retiring.to_revoke(),
+                        &retiring.revocation(&revocation),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(()) => {
                     self.ctx
                         .metrics

@@ -161,6 +161,9 @@ mod tests {
     fn state(inputs: &str, renewal: i64) -> TokenState {
         TokenState {
             current: Some(HeldToken {
+                client_id: None,
+                client_secret: None,
+                url: None,
                 access_token: Sensitive::new("a"),
                 refresh_token: None,
                 token_id: None,

@@ -59,10 +59,7 @@ const STATE_SECRET_PREFIX: &str = "awx-token-operator-state-";
 
 pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     let url = parse_url(&spec.awx.url, spec.awx.allow_insecure_http)?;
-    let host = match url.port() {
-        Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-        None => url.host_str().unwrap_or_default().to_string(),
-    };
+    let host = host_of(&url);
 
     let renewal = &spec.renewal;
     let rotate_every =
@@ -233,6 +230,14 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         strategy,
         timeout: Duration::from_secs(u64::from(spec.awx.timeout_seconds.clamp(1, 300))),
     })
+}
+
+/// Host, with the port when the URL names one: what `--allowed-awx-hosts` is matched against.
+pub fn host_of(url: &Url) -> String {
+    match url.port() {
+        Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_string(),
+    }
 }
 
 fn parse_url(text: &str, allow_insecure_http: bool) -> Result<Url, SpecError> {

@@ -8,7 +8,7 @@ use std::fmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::awx::{Flavor, TokenKind, TokenToRevoke};
+use crate::awx::{ClientCredentials, Flavor, RevocationCredentials, TokenKind, TokenToRevoke};
 
 /// A secret string that serialises as itself (it is stored in a Secret) but never prints.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +63,15 @@ pub struct IssueIntent {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeldToken {
+    /// The OAuth2 application that issued it: revocation authenticates as that application,
+    /// even after the credentials Secret names another one (or another AWX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Sensitive>,
+    /// The AWX base URL that issued it: revocation goes there even after spec.awx.url changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     pub access_token: Sensitive,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<Sensitive>,
@@ -88,6 +97,15 @@ pub struct HeldToken {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetiringToken {
+    /// The OAuth2 application that issued it: revocation authenticates as that application,
+    /// even after the credentials Secret names another one (or another AWX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Sensitive>,
+    /// The AWX base URL that issued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     pub access_token: Sensitive,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<Sensitive>,
@@ -113,6 +131,9 @@ impl HeldToken {
     /// This token as a replaced one, revocable after `revoke_after`.
     pub fn retire(&self, revoke_after: Timestamp) -> RetiringToken {
         RetiringToken {
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            url: self.url.clone(),
             access_token: self.access_token.clone(),
             refresh_token: self.refresh_token.clone(),
             token_id: self.token_id,
@@ -130,6 +151,21 @@ impl RetiringToken {
             Flavor::Gateway
         } else {
             Flavor::Controller
+        }
+    }
+
+    /// `fallback` with the issuing application's client credentials, when they are known.
+    pub fn revocation(&self, fallback: &RevocationCredentials) -> RevocationCredentials {
+        let client = match &self.client_id {
+            Some(id) => Some(ClientCredentials {
+                client_id: id.clone(),
+                client_secret: self.client_secret.as_ref().map(Sensitive::to_secret),
+            }),
+            None => fallback.client.clone(),
+        };
+        RevocationCredentials {
+            client,
+            user: fallback.user.clone(),
         }
     }
 
@@ -172,6 +208,9 @@ mod tests {
 
     fn held() -> HeldToken {
         HeldToken {
+            client_id: Some("app".into()),
+            client_secret: Some(Sensitive::new("ClientSecret789")),
+            url: Some("https://awx.example.com/".into()),
             access_token: Sensitive::new("AccessValue123"),
             refresh_token: Some(Sensitive::new("RefreshValue456")),
             token_id: None,
@@ -206,6 +245,7 @@ mod tests {
         assert_eq!(TokenState::decode(&bytes).unwrap(), state);
         let debug = format!("{state:?}");
         assert!(!debug.contains("AccessValue123") && !debug.contains("RefreshValue456"));
+        assert!(!debug.contains("ClientSecret789"));
         assert_eq!(
             state.next_revocation(),
             Some(Timestamp::from_second(1_700_000_300).unwrap())

@@ -1376,3 +1376,65 @@ pub async fn expired_refresh_token_falls_back_to_the_grant(env: Arc<Env>) -> Tes
     );
     Ok(())
 }
+
+pub async fn url_change_revokes_the_old_token_at_the_old_awx(env: Arc<Env>) -> TestResult {
+    let old_awx = env.private_standin("url-old", "awx")?;
+    let new_awx = env.private_standin("url-new", "awx")?;
+    let s = setup_with(&env, "e2e-url", old_awx, &[]).await?;
+    s.password_credentials(&env, "creds").await?;
+    let renewal = json!({"renewal": {"revokeGracePeriod": "1s"}});
+    env.apply(&awx_token(
+        &s.ns,
+        "u",
+        &s.awx.url,
+        "Password",
+        "creds",
+        renewal.clone(),
+    ))?;
+    wait_ready(&env, &s.ns, "u", "True", None).await?;
+    let first = env
+        .secret_value(&s.ns, "u", "token")
+        .await?
+        .ok_or("no token")?;
+    // The same account at the new AWX, then the AwxToken moves there.
+    new_awx.create_user(&s.user, &s.password).await?;
+    let (id, secret) = new_awx
+        .create_app(&format!("{}-new", s.ns), "password", &s.user)
+        .await?;
+    env.credentials(
+        &s.ns,
+        "creds",
+        &[
+            ("username", &s.user),
+            ("password", &s.password),
+            ("client_id", &id),
+            ("client_secret", &secret),
+        ],
+    )?;
+    env.apply(&awx_token(
+        &s.ns,
+        "u",
+        &new_awx.url,
+        "Password",
+        "creds",
+        renewal,
+    ))?;
+    let second = wait_token(&env, &s.ns, "u", Some(&first)).await?;
+    ensure_eq!(
+        new_awx.whoami(&second).await?,
+        Some(s.user.clone()),
+        "token from the new AWX"
+    );
+    wait_for(
+        "the old token to be revoked at the old AWX",
+        Duration::from_secs(60),
+        || async { Ok(s.awx.whoami(&first).await?.is_none().then_some(())) },
+    )
+    .await?;
+    ensure_eq!(
+        s.awx.live_tokens(&s.user).await?,
+        Vec::<String>::new(),
+        "nothing left at the old AWX"
+    );
+    Ok(())
+}

@@ -684,6 +684,12 @@ impl Operator {
         Ok(())
     }
 
+    /// Process id while running (the scale benchmark reads its memory).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
