@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Fails when a generated file differs from what the code generates now: the CRD in crds/ and its
-# copy in the Helm chart. Regenerate with: tests/check-generated.sh --fix
+# copy in the Helm chart; the plain manifests in deploy/ (rendered from the chart by
+# deploy/generate.sh, which needs helm); and the version the chart and the Dockerfile carry.
+# Regenerate with: tests/check-generated.sh --fix
 set -euo pipefail
 cd "$(dirname "$0")/.."
 crd="crds/awxtokens.awx-token-operator.io.yaml"
 copies=("$crd")
 [ -d charts/awx-token-operator/crds ] && copies+=("charts/awx-token-operator/crds/awxtokens.awx-token-operator.io.yaml")
-fresh="$(mktemp)"; trap 'rm -f "$fresh"' EXIT
+fresh="$(mktemp)"; rendered="$(mktemp -d)"; trap 'rm -rf "$fresh" "$rendered"' EXIT
 cargo run --quiet -- crd > "$fresh"
 status=0
 for f in "${copies[@]}"; do
@@ -18,5 +20,43 @@ for f in "${copies[@]}"; do
     status=1
   fi
 done
-[ "$status" = 0 ] && echo "generated files are current: ${copies[*]}"
+checked=("${copies[@]}")
+
+# deploy/ is rendered from the chart (and its CRD copy), so it is checked after them.
+if [ -x deploy/generate.sh ]; then
+  if [ "${1:-}" = --fix ]; then
+    deploy/generate.sh
+  else
+    if ! log="$(deploy/generate.sh "$rendered" 2>&1)"; then
+      echo "deploy/generate.sh failed: $log" >&2
+      status=1
+    elif ! diff -r -x generate.sh deploy "$rendered" >/dev/null 2>&1; then
+      echo "stale: deploy/ differs from the chart (run deploy/generate.sh or tests/check-generated.sh --fix)" >&2
+      diff -r -u -x generate.sh deploy "$rendered" | head -40 >&2 || true
+      status=1
+    fi
+  fi
+  checked+=(deploy/)
+fi
+
+# The chart's appVersion and the image's version label are the crate's version (not fixed
+# by --fix: a release changes them on purpose).
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
+if [ -f charts/awx-token-operator/Chart.yaml ]; then
+  app="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' charts/awx-token-operator/Chart.yaml)"
+  if [ "$app" != "$version" ]; then
+    echo "stale: charts/awx-token-operator/Chart.yaml appVersion '$app' is not Cargo.toml's version '$version'" >&2
+    status=1
+  fi
+  checked+=("Chart.yaml appVersion")
+fi
+if [ -f Dockerfile ]; then
+  label="$(sed -n 's/^ARG VERSION=\(.*\)$/\1/p' Dockerfile)"
+  if [ "$label" != "$version" ]; then
+    echo "stale: Dockerfile ARG VERSION '$label' is not Cargo.toml's version '$version'" >&2
+    status=1
+  fi
+  checked+=("Dockerfile VERSION")
+fi
+[ "$status" = 0 ] && echo "generated files are current: ${checked[*]}"
 exit "$status"
