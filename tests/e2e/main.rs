@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod support;
+mod chart;
 mod ops;
 mod reliability;
 mod scenarios;
@@ -55,6 +56,11 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),
+        scenario!(chart::chart_lint_template_and_server_dry_run),
+        scenario!(chart::chart_install_upgrade_uninstall_keeps_the_crd),
+        scenario!(chart::chart_rbac_namespaced_install_runs_the_operator),
+        scenario!(chart::chart_rbac_cluster_wide_install_runs_the_operator),
+        scenario!(chart::chart_examples_and_plain_manifests_pass_server_dry_run),
         scenario!(reliability::crash_torture_kills_never_break_or_leak_tokens),
         // Scenarios named serial_* disturb the whole cluster: they run alone, after the rest.
         scenario!(reliability::serial_apiserver_restart_is_survived),
