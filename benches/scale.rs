@@ -240,7 +240,7 @@ async fn bench(env: &Env, n: usize, steady: Duration) -> Result<(), String> {
     println!(
         "  steady state over {:>3} s: {} Kubernetes writes ({:?}), {} AWX requests",
         steady.as_secs(),
-        steady_writes.values().sum::<f64>(),
+        steady_writes.values().sum::<f64>() + 0.0,
         steady_writes,
         awx_steady
     );
