@@ -4,6 +4,7 @@ pub mod awx;
 pub mod controller;
 pub mod crd;
 pub mod decide;
+pub mod election;
 #[cfg(test)]
 mod fixtures;
 pub mod metrics;

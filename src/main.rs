@@ -8,7 +8,7 @@ use std::{
 
 use awx_token_operator::{
     controller::{self, Context, Settings},
-    crd,
+    crd, election,
     metrics::Metrics,
     server::{self, Health},
     spec::parse_duration,
@@ -205,14 +205,24 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| args.namespace.clone())
         .unwrap_or_else(|| "default".into());
     let duration = args.lease_duration.max(2);
-    let manager = LeaseManagerBuilder::new(client, &args.lease_name)
-        .with_namespace(&lease_namespace)
-        .with_identity(&identity)
-        .with_duration(duration)
-        .with_grace((duration / 3).max(1))
-        .build()
-        .await?;
-    let (mut leader, election) = manager.watch().await;
+    let build: election::BuildManager = {
+        let (client, name, ns, identity) = (
+            client.clone(),
+            args.lease_name.clone(),
+            lease_namespace.clone(),
+            identity.clone(),
+        );
+        Box::new(move || {
+            let builder = LeaseManagerBuilder::new(client.clone(), &name)
+                .with_namespace(&ns)
+                .with_identity(&identity)
+                .with_duration(duration)
+                .with_grace((duration / 3).max(1));
+            Box::pin(builder.build())
+        })
+    };
+    let (mut leader, election) =
+        election::run(build, client, &lease_namespace, &args.lease_name).await?;
     // A standby running the election loop is ready: it can take over at any moment.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
     info!(lease = %args.lease_name, namespace = %lease_namespace, "waiting for leadership");
@@ -250,7 +260,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Dropping the receiver makes the election task release the Lease.
     drop(leader);
     match tokio::time::timeout(Duration::from_secs(3), election).await {
-        Ok(Ok(Ok(_))) => info!("released the leader lease"),
+        Ok(Ok(Ok(()))) => info!("released the leader lease"),
         Ok(Ok(Err(e))) => warn!(error = %e, "could not release the leader lease"),
         Ok(Err(e)) => warn!(error = %e, "election task failed"),
         Err(_) => warn!("timed out releasing the leader lease"),

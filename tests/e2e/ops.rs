@@ -20,7 +20,7 @@ pub async fn ops_leader_election_single_issuer_and_takeover(env: Arc<Env>) -> Te
         "--lease-namespace",
         "e2e-leader",
         "--lease-duration",
-        "6",
+        "10",
     ];
     let mut s = setup_with(&env, "e2e-leader", awx, &election).await?;
     wait_for(
@@ -126,7 +126,7 @@ pub async fn ops_leader_election_single_issuer_and_takeover(env: Arc<Env>) -> Te
         || async { Ok((third.metric(LEADER).await.ok().flatten() == Some(1.0)).then_some(())) },
     )
     .await?;
-    // The lease lasts 6 s: a takeover well inside it proves it was released.
+    // The lease lasts 10 s: a takeover well inside it proves it was released.
     ensure!(
         handover.elapsed() < Duration::from_secs(4),
         "takeover after SIGTERM took {:?}",
