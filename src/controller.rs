@@ -792,6 +792,9 @@ impl Reconciler<'_> {
                         .await;
                 }
             };
+            // After an interrupted request the refresh token may already have been rotated
+            // away by it: using it again would be a double refresh (invalid_grant at AWX).
+            let interrupted = state.issuing.is_some();
             if let Some(intent) = state.issuing.take()
                 && let Err(e) = self
                     .recover_interrupted_issue(&client, &inputs, &intent)
@@ -813,9 +816,10 @@ impl Reconciler<'_> {
             state.issuing = Some(intent.clone());
             self.save_state(&state).await?;
             self.set_issuing(&trigger).await?;
-            let outcome = self
-                .obtain(&client, &valid, &inputs, &state, &trigger, &intent)
-                .await;
+            let refresh_from = state.current.as_ref().filter(|_| {
+                valid.strategy == RenewalStrategy::Refresh && trigger.is_renewal() && !interrupted
+            });
+            let outcome = self.obtain(&client, &inputs, refresh_from, &intent).await;
             state.issuing = None;
             match outcome {
                 Ok((issued, flavor, refreshed)) => {
@@ -982,10 +986,8 @@ impl Reconciler<'_> {
     async fn obtain(
         &self,
         client: &AwxClient,
-        valid: &ValidSpec,
         inputs: &Inputs,
-        state: &TokenState,
-        trigger: &Trigger,
+        refresh_from: Option<&HeldToken>,
         intent: &IssueIntent,
     ) -> Result<(IssuedToken, Flavor, bool), AwxError> {
         let token = self.token;
@@ -995,9 +997,7 @@ impl Reconciler<'_> {
             Flavor::Controller
         };
         let scope = scope(token.spec.grant.scope);
-        if valid.strategy == RenewalStrategy::Refresh
-            && trigger.is_renewal()
-            && let Some(current) = &state.current
+        if let Some(current) = refresh_from
             && let (Some(refresh), Some(app)) = (&current.refresh_token, &inputs.client)
         {
             match client
