@@ -84,7 +84,8 @@ struct RunArgs {
     /// AwxTokens reconciled at the same time.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
-    /// Requests per second to one AWX host (0: unlimited).
+    /// Requests per second to one AWX host (0: unlimited): no bursts, and requests spaced 10%
+    /// wider than 1/N so AWX never sees more than N in any second despite jitter.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_AWX_MAX_RPS", default_value_t = 20)]
     awx_max_rps: u32,
     /// Requests in flight to one AWX host (0: unlimited).
