@@ -464,3 +464,102 @@ fn strip_key(value: &mut serde_json::Value, key: &str) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// The schema of the CRD file users install (crds/), not of the Rust types directly.
+    fn committed_schema() -> Value {
+        let text = include_str!("../crds/awxtokens.awx-token-operator.io.yaml");
+        let crd: Value = serde_yaml::from_str(text).expect("the committed CRD is YAML");
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    fn object(spec: Value) -> Value {
+        json!({"apiVersion": "awx-token-operator.io/v1alpha1", "kind": "AwxToken",
+            "metadata": {"name": "t", "namespace": "apps"}, "spec": spec})
+    }
+
+    fn spec(extra: Value) -> Value {
+        let mut spec = json!({
+            "awx": {"url": "https://awx.example.com"},
+            "grant": {"type": "Password", "credentialsSecretRef": {"name": "bot"}},
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                match (s.get_mut(k), v) {
+                    (Some(Value::Object(inner)), Value::Object(more)) => inner.extend(more.clone()),
+                    _ => {
+                        s.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        spec
+    }
+
+    fn cel(spec: Value) -> Result<(), String> {
+        kube::core::cel::Validator::new()
+            .validate(&committed_schema(), &object(spec), None)
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn cel_rules_accept_valid_specs() {
+        assert_eq!(cel(spec(json!({}))), Ok(()));
+        assert_eq!(
+            cel(spec(
+                json!({"awx": {"url": "http://awx.local", "allowInsecureHttp": true}})
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            cel(spec(
+                json!({"grant": {"type": "PersonalAccessToken", "description": "ci"}})
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            cel(spec(json!({"renewal": {"renewBeforePercentage": 30}}))),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn cel_rules_reject_what_the_operator_rejects() {
+        for (extra, message) in [
+            (
+                json!({"awx": {"url": "http://awx.local"}}),
+                "url must use https://",
+            ),
+            (
+                json!({"renewal": {"renewBefore": "1h", "renewBeforePercentage": 30}}),
+                "mutually exclusive",
+            ),
+            (
+                json!({"grant": {"description": "x"}}),
+                "description applies only",
+            ),
+        ] {
+            let result = cel(spec(extra.clone()));
+            assert!(
+                result.as_ref().is_err_and(|e| e.contains(message)),
+                "{extra}: {result:?}"
+            );
+            // The operator refuses the same spec on its own (old API servers ignore CEL).
+            let typed: AwxTokenSpec = serde_json::from_value(spec(extra.clone())).unwrap();
+            assert!(crate::spec::validate(&typed).is_err(), "{extra}");
+        }
+    }
+
+    #[test]
+    fn without_cel_strips_every_rule() {
+        let with = crd_yaml(false).unwrap();
+        let without = crd_yaml(true).unwrap();
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 3);
+        assert_eq!(without.matches("x-kubernetes-validations").count(), 0);
+    }
+}

@@ -49,6 +49,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(metrics_and_health_endpoints),
         scenario!(owned_secret_is_repaired_after_edit_and_delete),
         scenario!(url_change_revokes_the_old_token_at_the_old_awx),
+        scenario!(tls_trust_follows_the_ca_bundle),
         scenario!(readiness_waits_for_caches_and_json_logs_carry_the_object),
         scenario!(awx_faults_give_clear_conditions_and_recover),
         scenario!(external_user_is_refused_with_a_clear_message),

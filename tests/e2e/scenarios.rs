@@ -1403,3 +1403,68 @@ pub async fn url_change_revokes_the_old_token_at_the_old_awx(env: Arc<Env>) -> T
     );
     Ok(())
 }
+
+pub async fn tls_trust_follows_the_ca_bundle(env: Arc<Env>) -> TestResult {
+    let (awx, ca) = env.private_tls_standin("tls", "awx")?;
+    ensure!(
+        awx.url.starts_with("https://"),
+        "the stand-in serves https: {}",
+        awx.url
+    );
+    let s = setup_with(&env, "e2e-tls", awx, &[]).await?;
+    s.password_credentials(&env, "creds").await?;
+    let https = |name: &str, extra: Value| {
+        let mut doc = awx_token(&s.ns, name, &s.awx.url, "Password", "creds", extra);
+        doc["spec"]["awx"]["allowInsecureHttp"] = json!(false);
+        doc
+    };
+    // Not trusted: the system roots do not know the test CA.
+    env.apply(&https("untrusted", json!({})))?;
+    let obj = wait_ready(&env, &s.ns, "untrusted", "False", Some("TlsError")).await?;
+    let (_, _, message) = condition(&obj, "Ready").unwrap_or_default();
+    ensure!(
+        message.contains("caBundleSecretRef"),
+        "message says what to fix: {message}"
+    );
+    // Trusted through the CA bundle Secret.
+    env.credentials(&s.ns, "awx-ca", &[("ca.crt", &ca)])?;
+    env.apply(&https(
+        "trusted",
+        json!({"awx": {"caBundleSecretRef": {"name": "awx-ca"}}}),
+    ))?;
+    wait_ready(&env, &s.ns, "trusted", "True", Some("TokenReady")).await?;
+    let token = env
+        .secret_value(&s.ns, "trusted", "token")
+        .await?
+        .ok_or("no token")?;
+    ensure_eq!(
+        s.awx.whoami(&token).await?,
+        Some(s.user.clone()),
+        "token over https works"
+    );
+    // A certificate from another CA is refused.
+    let (_, other_ca) = env.private_tls_standin("tls-other", "awx")?;
+    env.credentials(&s.ns, "other-ca", &[("ca.crt", &other_ca)])?;
+    env.apply(&https(
+        "wrong-ca",
+        json!({"awx": {"caBundleSecretRef": {"name": "other-ca"}}}),
+    ))?;
+    wait_ready(&env, &s.ns, "wrong-ca", "False", Some("TlsError")).await?;
+    // insecureSkipTlsVerify works, and says so loudly.
+    env.apply(&https(
+        "insecure",
+        json!({"awx": {"insecureSkipTlsVerify": true}}),
+    ))?;
+    let obj = wait_ready(&env, &s.ns, "insecure", "True", Some("TokenReady")).await?;
+    ensure_eq!(
+        condition(&obj, "InsecureTls").map(|c| c.0),
+        Some("True".to_string()),
+        "InsecureTls condition"
+    );
+    let events = env.kubectl(&["get", "events", "-n", &s.ns, "-o", "json"])?;
+    ensure!(
+        events.contains("InsecureSkipTlsVerify"),
+        "a Warning event about insecureSkipTlsVerify"
+    );
+    Ok(())
+}

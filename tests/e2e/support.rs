@@ -218,6 +218,46 @@ impl Env {
         Ok(s)
     }
 
+    /// A stand-in of its own serving https with a certificate for 127.0.0.1 from a fresh test
+    /// CA; returns it and the CA certificate (PEM).
+    pub fn private_tls_standin(
+        &self,
+        name: &str,
+        mode: &str,
+    ) -> Result<(Arc<Standin>, String), String> {
+        let dir = self.run_dir.join(format!("standin-{name}"));
+        let pki = dir.join("pki");
+        fs::create_dir_all(&pki).map_err(|e| e.to_string())?;
+        let script = format!(
+            "set -e; cd {pki}
+             openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=awx-test-ca -keyout ca.key -out ca.crt
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 -keyout tls.key -out tls.csr
+             printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext
+             openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out tls.crt",
+            pki = pki.display()
+        );
+        let out = Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .map_err(|e| e.to_string())?;
+        ensure!(
+            out.status.success(),
+            "openssl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ca = fs::read_to_string(pki.join("ca.crt")).map_err(|e| e.to_string())?;
+        let s = Arc::new(Standin::start_with(
+            &dir,
+            mode,
+            Some((pki.join("tls.crt"), pki.join("tls.key"))),
+        )?);
+        self.standins
+            .lock()
+            .unwrap()
+            .push((format!("private-{name}"), s.clone()));
+        Ok((s, ca))
+    }
+
     pub fn remember_secret(&self, value: &str) {
         if value.len() >= 8 {
             self.secrets_seen.lock().unwrap().insert(value.to_string());
@@ -407,32 +447,61 @@ pub struct Standin {
     pub mode: String,
     dir: PathBuf,
     port: u16,
+    /// Certificate and key when it serves https.
+    tls: Option<(PathBuf, PathBuf)>,
     http: reqwest::Client,
 }
 
 impl Standin {
     fn start(dir: &Path, mode: &str) -> Result<Standin, String> {
+        Self::start_with(dir, mode, None)
+    }
+
+    fn start_with(
+        dir: &Path,
+        mode: &str,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Standin, String> {
         fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let port = free_port();
-        let url = Self::launch(dir, mode, port)?;
+        let url = Self::launch(dir, mode, port, tls.as_ref())?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Standin {
             url,
             mode: mode.to_string(),
             dir: dir.to_path_buf(),
             port,
+            tls,
+            // The tests' own client (control API, whoami) trusts the stand-in's test certificate.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
+                .danger_accept_invalid_certs(true)
                 .build()
                 .map_err(|e| e.to_string())?,
         })
     }
 
-    fn launch(dir: &Path, mode: &str, port: u16) -> Result<String, String> {
+    fn launch(
+        dir: &Path,
+        mode: &str,
+        port: u16,
+        tls: Option<&(PathBuf, PathBuf)>,
+    ) -> Result<String, String> {
+        let mut tls_args: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some((cert, key)) = tls {
+            tls_args.extend([
+                "--tls-cert".as_ref(),
+                cert.as_os_str(),
+                "--tls-key".as_ref(),
+                key.as_os_str(),
+            ]);
+        }
         let out = Command::new("bash")
             .arg(repo_root().join("tests/awx-standin/standin.sh"))
             .arg("start")
             .arg(dir)
             .args(["--mode", mode, "--port", &port.to_string()])
+            .args(tls_args)
             .stderr(Stdio::inherit())
             .output()
             .map_err(|e| e.to_string())?;
@@ -458,7 +527,7 @@ impl Standin {
 
     /// Starts it again on the same port with the same database (AWX back).
     pub fn restart(&self) -> TestResult {
-        Self::launch(&self.dir, &self.mode, self.port).map(drop)
+        Self::launch(&self.dir, &self.mode, self.port, self.tls.as_ref()).map(drop)
     }
 
     async fn call(
