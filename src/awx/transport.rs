@@ -75,6 +75,9 @@ impl Transport {
             .default_headers(headers)
             .timeout(timeout)
             .connect_timeout(timeout)
+            // Servers close idle connections (gunicorn after 5 s, nginx after 75 s); reusing one
+            // just as it closes fails the request. Renewals are far apart: connect anew.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()
             .map_err(|e| AwxError::ClientSetup {
                 detail: error_chain(&e),

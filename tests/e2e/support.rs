@@ -475,6 +475,8 @@ impl Standin {
             // The tests' own client (control API, whoami) trusts the stand-in's test certificate.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
+                // The stand-in closes idle connections after 5 s; never reuse one near that.
+                .pool_idle_timeout(Duration::from_secs(1))
                 .danger_accept_invalid_certs(true)
                 .build()
                 .map_err(|e| e.to_string())?,
