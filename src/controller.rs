@@ -44,7 +44,7 @@ use crate::{
     schedule::{self, REFRESH_TOKEN_LIFETIME, RenewalSchedule},
     secrets::{self, Ownership},
     spec::{self, SpecError, ValidSpec},
-    state::{HeldToken, IssueIntent, STATE_KEY, Sensitive, TokenState},
+    state::{HeldToken, IssueIntent, STATE_KEY, Sensitive, TokenRecord, TokenState},
 };
 
 pub const FINALIZER: &str = "awx-token-operator.io/revoke";
@@ -727,7 +727,10 @@ impl Reconciler<'_> {
                 .max(current.issued_at);
             if self.now >= schedule::add(last, every) {
                 match client
-                    .whoami(current.flavor(), &current.access_token.to_secret())
+                    .whoami(
+                        current.token.flavor(),
+                        &current.token.access_token.to_secret(),
+                    )
                     .await
                 {
                     Ok(_) => self
@@ -904,19 +907,22 @@ impl Reconciler<'_> {
                 continue;
             }
             state_changed = true;
-            let outcome =
-                match self.revoking_client(&retiring, &client, &valid, inputs.ca_bundle.as_deref())
-                {
-                    Ok(at) => {
-                        at.revoke(
-                            retiring.flavor(),
-                            &retiring.to_revoke(),
-                            &retiring.revocation(&inputs.revocation()),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
+            let outcome = match self.revoking_client(
+                &retiring.token,
+                &client,
+                &valid,
+                inputs.ca_bundle.as_deref(),
+            ) {
+                Ok(at) => {
+                    at.revoke(
+                        retiring.token.flavor(),
+                        &retiring.token.to_revoke(),
+                        &retiring.token.revocation(&inputs.revocation()),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             match outcome {
                 Ok(()) => {
                     info!("revoked a replaced token");
@@ -924,14 +930,14 @@ impl Reconciler<'_> {
                         .metrics
                         .tokens_revoked
                         .get_or_create(&FlavorLabels {
-                            flavor: flavor_label(retiring.flavor()),
+                            flavor: flavor_label(retiring.token.flavor()),
                         })
                         .inc();
                 }
                 Err(e) => {
                     retiring.failed_attempts = retiring.failed_attempts.saturating_add(1);
                     let jitter = decide::jitter(&[
-                        retiring.access_token.expose().get(..4).unwrap_or(""),
+                        retiring.token.access_token.expose().get(..4).unwrap_or(""),
                         &retiring.failed_attempts.to_string(),
                     ]);
                     let wait = schedule::failure_backoff(
@@ -999,13 +1005,13 @@ impl Reconciler<'_> {
         };
         let scope = scope(token.spec.grant.scope);
         if let Some(current) = refresh_from
-            && let (Some(refresh), Some(app)) = (&current.refresh_token, &inputs.client)
+            && let (Some(refresh), Some(app)) = (&current.token.refresh_token, &inputs.client)
         {
             match client
-                .refresh(current.flavor(), app, &refresh.to_secret(), scope)
+                .refresh(current.token.flavor(), app, &refresh.to_secret(), scope)
                 .await
             {
-                Ok(issued) => return Ok((issued, current.flavor(), true)),
+                Ok(issued) => return Ok((issued, current.token.flavor(), true)),
                 Err(e) if e.requires_reissue() => {
                     info!(error = %e, "refresh failed; issuing a new token with the grant");
                 }
@@ -1034,21 +1040,23 @@ impl Reconciler<'_> {
             .as_ref()
             .filter(|_| !matches!(issued.kind, TokenKind::Personal));
         HeldToken {
-            client_id: app.map(|c| c.client_id.clone()),
-            client_secret: app
-                .and_then(|c| c.client_secret.as_ref())
-                .map(|s| Sensitive::new(secrecy::ExposeSecret::expose_secret(s))),
-            url: Some(valid.url.to_string()),
-            access_token: Sensitive::new(secrecy::ExposeSecret::expose_secret(
-                &issued.access_token,
-            )),
-            refresh_token: issued
-                .refresh_token
-                .as_ref()
-                .map(|r| Sensitive::new(secrecy::ExposeSecret::expose_secret(r))),
-            token_id: issued.token_id,
-            personal: matches!(issued.kind, TokenKind::Personal),
-            gateway: flavor == Flavor::Gateway,
+            token: TokenRecord {
+                url: Some(valid.url.to_string()),
+                client_id: app.map(|c| c.client_id.clone()),
+                client_secret: app
+                    .and_then(|c| c.client_secret.as_ref())
+                    .map(|s| Sensitive::new(secrecy::ExposeSecret::expose_secret(s))),
+                access_token: Sensitive::new(secrecy::ExposeSecret::expose_secret(
+                    &issued.access_token,
+                )),
+                refresh_token: issued
+                    .refresh_token
+                    .as_ref()
+                    .map(|r| Sensitive::new(secrecy::ExposeSecret::expose_secret(r))),
+                token_id: issued.token_id,
+                personal: matches!(issued.kind, TokenKind::Personal),
+                gateway: flavor == Flavor::Gateway,
+            },
             scope: issued.scope.clone(),
             user: issued
                 .user
@@ -1126,16 +1134,16 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// The client that can revoke `retiring`: the AWX that issued it, which is not the one in
+    /// The client that can revoke `token`: the AWX that issued it, which is not the one in
     /// the spec any more when spec.awx.url changed. That host must still be allowed.
     fn revoking_client(
         &self,
-        retiring: &crate::state::RetiringToken,
+        token: &TokenRecord,
         current: &AwxClient,
         valid: &ValidSpec,
         ca_bundle: Option<&[u8]>,
     ) -> Result<AwxClient, AwxError> {
-        let Some(url) = retiring.url.as_deref().filter(|u| *u != valid.url.as_str()) else {
+        let Some(url) = token.url.as_deref().filter(|u| *u != valid.url.as_str()) else {
             return Ok(current.clone());
         };
         let url = url::Url::parse(url).map_err(|e| AwxError::InvalidEndpoint {
@@ -1197,7 +1205,7 @@ impl Reconciler<'_> {
         let Some(current) = &state.current else {
             return Ok(false);
         };
-        let desired = secrets::render_target(self.token, current.access_token.expose());
+        let desired = secrets::render_target(self.token, current.token.access_token.expose());
         if secrets::up_to_date(existing, &desired) {
             return Ok(false);
         }
@@ -1209,7 +1217,7 @@ impl Reconciler<'_> {
                 &Patch::Apply(&desired),
             )
             .await?;
-        Ok(before.is_some_and(|b| b != current.access_token.expose()))
+        Ok(before.is_some_and(|b| b != current.token.access_token.expose()))
     }
 
     async fn restart_workloads(&self) {
@@ -1297,8 +1305,8 @@ impl Reconciler<'_> {
             conditions: old.conditions.clone(),
             observed_generation: self.token.metadata.generation,
             secret_name: Some(self.token.secret_name()),
-            flavor: Some(flavor_label(current.flavor()).to_string()),
-            token_id: current.token_id,
+            flavor: Some(flavor_label(current.token.flavor()).to_string()),
+            token_id: current.token.token_id,
             scope: Some(current.scope.clone()),
             user: current.user.clone(),
             issued_at: Some(Time(current.issued_at)),
@@ -1573,24 +1581,25 @@ impl Reconciler<'_> {
         let mut failed = Vec::new();
         let mut last_error = None;
         for retiring in all {
-            let outcome = match self.revoking_client(&retiring, &client, &valid, ca.as_deref()) {
-                Ok(at) => {
-                    at.revoke(
-                        retiring.flavor(),
-                        &retiring.to_revoke(),
-                        &retiring.revocation(&revocation),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
+            let outcome =
+                match self.revoking_client(&retiring.token, &client, &valid, ca.as_deref()) {
+                    Ok(at) => {
+                        at.revoke(
+                            retiring.token.flavor(),
+                            &retiring.token.to_revoke(),
+                            &retiring.token.revocation(&revocation),
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
             match outcome {
                 Ok(()) => {
                     self.ctx
                         .metrics
                         .tokens_revoked
                         .get_or_create(&FlavorLabels {
-                            flavor: flavor_label(retiring.flavor()),
+                            flavor: flavor_label(retiring.token.flavor()),
                         })
                         .inc();
                 }

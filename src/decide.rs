@@ -152,7 +152,7 @@ pub fn host_allowed(allowed: &[String], host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{HeldToken, Sensitive};
+    use crate::state::{HeldToken, Sensitive, TokenRecord};
 
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + s).unwrap()
@@ -161,14 +161,16 @@ mod tests {
     fn state(inputs: &str, renewal: i64) -> TokenState {
         TokenState {
             current: Some(HeldToken {
-                client_id: None,
-                client_secret: None,
-                url: None,
-                access_token: Sensitive::new("a"),
-                refresh_token: None,
-                token_id: None,
-                personal: false,
-                gateway: false,
+                token: TokenRecord {
+                    url: None,
+                    client_id: None,
+                    client_secret: None,
+                    access_token: Sensitive::new("a"),
+                    refresh_token: None,
+                    token_id: None,
+                    personal: false,
+                    gateway: false,
+                },
                 scope: "write".into(),
                 user: None,
                 issued_at: t(0),

@@ -59,19 +59,19 @@ pub struct IssueIntent {
     pub gateway: bool,
 }
 
-/// The token currently in the target Secret.
+/// What identifies an issued token and where and how it is revoked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HeldToken {
+pub struct TokenRecord {
+    /// The AWX base URL that issued it: revocation goes there even after spec.awx.url changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// The OAuth2 application that issued it: revocation authenticates as that application,
     /// even after the credentials Secret names another one (or another AWX).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_secret: Option<Sensitive>,
-    /// The AWX base URL that issued it: revocation goes there even after spec.awx.url changed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
     pub access_token: Sensitive,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<Sensitive>,
@@ -79,6 +79,14 @@ pub struct HeldToken {
     pub token_id: Option<u64>,
     pub personal: bool,
     pub gateway: bool,
+}
+
+/// The token currently in the target Secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldToken {
+    #[serde(flatten)]
+    pub token: TokenRecord,
     pub scope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -97,22 +105,8 @@ pub struct HeldToken {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetiringToken {
-    /// The OAuth2 application that issued it: revocation authenticates as that application,
-    /// even after the credentials Secret names another one (or another AWX).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_secret: Option<Sensitive>,
-    /// The AWX base URL that issued it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    pub access_token: Sensitive,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh_token: Option<Sensitive>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_id: Option<u64>,
-    pub personal: bool,
-    pub gateway: bool,
+    #[serde(flatten)]
+    pub token: TokenRecord,
     /// Not revoked before this time: pods may still be using it.
     pub revoke_after: Timestamp,
     #[serde(default)]
@@ -120,32 +114,17 @@ pub struct RetiringToken {
 }
 
 impl HeldToken {
-    pub fn flavor(&self) -> Flavor {
-        if self.gateway {
-            Flavor::Gateway
-        } else {
-            Flavor::Controller
-        }
-    }
-
     /// This token as a replaced one, revocable after `revoke_after`.
     pub fn retire(&self, revoke_after: Timestamp) -> RetiringToken {
         RetiringToken {
-            client_id: self.client_id.clone(),
-            client_secret: self.client_secret.clone(),
-            url: self.url.clone(),
-            access_token: self.access_token.clone(),
-            refresh_token: self.refresh_token.clone(),
-            token_id: self.token_id,
-            personal: self.personal,
-            gateway: self.gateway,
+            token: self.token.clone(),
             revoke_after,
             failed_attempts: 0,
         }
     }
 }
 
-impl RetiringToken {
+impl TokenRecord {
     pub fn flavor(&self) -> Flavor {
         if self.gateway {
             Flavor::Gateway
@@ -208,14 +187,16 @@ mod tests {
 
     fn held() -> HeldToken {
         HeldToken {
-            client_id: Some("app".into()),
-            client_secret: Some(Sensitive::new("ClientSecret789")),
-            url: Some("https://awx.example.com/".into()),
-            access_token: Sensitive::new("AccessValue123"),
-            refresh_token: Some(Sensitive::new("RefreshValue456")),
-            token_id: None,
-            personal: false,
-            gateway: false,
+            token: TokenRecord {
+                url: Some("https://awx.example.com/".into()),
+                client_id: Some("app".into()),
+                client_secret: Some(Sensitive::new("ClientSecret789")),
+                access_token: Sensitive::new("AccessValue123"),
+                refresh_token: Some(Sensitive::new("RefreshValue456")),
+                token_id: None,
+                personal: false,
+                gateway: false,
+            },
             scope: "write".into(),
             user: Some("bot".into()),
             issued_at: Timestamp::from_second(1_700_000_000).unwrap(),

@@ -250,9 +250,9 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
     assert_eq!(state_body["metadata"]["ownerReferences"][0]["uid"], fx::UID);
     let state = fx::state_of(state_body);
     let current = state.current.as_ref().expect("a current token");
-    assert_eq!(current.access_token.expose(), ACCESS);
+    assert_eq!(current.token.access_token.expose(), ACCESS);
     assert_eq!(
-        current.refresh_token.as_ref().map(Sensitive::expose),
+        current.token.refresh_token.as_ref().map(Sensitive::expose),
         Some(REFRESH)
     );
     assert!(between(current.issued_at, run.started, run.finished));
@@ -441,16 +441,16 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
     );
     let saved = fx::state_of(last_body(&run, Method::PATCH, STATE));
     let current = saved.current.as_ref().expect("a current token");
-    assert_eq!(current.access_token.expose(), NEW_ACCESS);
+    assert_eq!(current.token.access_token.expose(), NEW_ACCESS);
     assert_eq!(
-        current.refresh_token.as_ref().map(Sensitive::expose),
+        current.token.refresh_token.as_ref().map(Sensitive::expose),
         Some(NEW_REFRESH)
     );
     assert_eq!(saved.retiring.len(), 1);
     let retiring = &saved.retiring[0];
-    assert_eq!(retiring.access_token.expose(), ACCESS);
+    assert_eq!(retiring.token.access_token.expose(), ACCESS);
     assert_eq!(
-        retiring.refresh_token.as_ref().map(Sensitive::expose),
+        retiring.token.refresh_token.as_ref().map(Sensitive::expose),
         Some(REFRESH)
     );
     // revokeGracePeriod defaults to 5m.
@@ -482,8 +482,8 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
     let mut state = fx::state_of(&world.state);
     let current = state.current.clone().expect("a current token");
     let mut old = current.retire(ago(0) - SignedDuration::from_secs(1));
-    old.access_token = Sensitive::new(OLD_ACCESS);
-    old.refresh_token = Some(Sensitive::new(OLD_REFRESH));
+    old.token.access_token = Sensitive::new(OLD_ACCESS);
+    old.token.refresh_token = Some(Sensitive::new(OLD_REFRESH));
     state.retiring.push(old);
     let mut token = world.token;
     if let Some(status) = token.status.as_mut() {
