@@ -121,21 +121,42 @@ impl Context {
         }
     }
 
+    /// Runs `f` on the object's memory; the backoff gauge follows its `in_backoff` flag
+    /// (adjusted by the change, not recounted over every object on each call).
     fn with_memory<R>(&self, token: &AwxToken, f: impl FnOnce(&mut Memory) -> R) -> R {
         let key = (token.namespace().unwrap_or_default(), token.name_any());
-        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        let result = f(memory.entry(key).or_default());
-        let in_backoff = memory.values().filter(|m| m.in_backoff).count();
-        self.metrics.objects_in_backoff.set(in_backoff as i64);
+        let mut memory = lock(&self.memory);
+        let entry = memory.entry(key).or_default();
+        let before = entry.in_backoff;
+        let result = f(entry);
+        self.count_backoff(before, entry.in_backoff);
         result
     }
 
     fn forget(&self, token: &AwxToken) {
         let key = (token.namespace().unwrap_or_default(), token.name_any());
-        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        memory.remove(&key);
-        let in_backoff = memory.values().filter(|m| m.in_backoff).count();
-        self.metrics.objects_in_backoff.set(in_backoff as i64);
+        if let Some(gone) = lock(&self.memory).remove(&key) {
+            self.count_backoff(gone.in_backoff, false);
+        }
+    }
+
+    fn count_backoff(&self, before: bool, after: bool) {
+        match (before, after) {
+            (false, true) => drop(self.metrics.objects_in_backoff.inc()),
+            (true, false) => drop(self.metrics.objects_in_backoff.dec()),
+            _ => {}
+        }
+    }
+
+    /// How long to wait after `attempts` consecutive failures, with a jitter derived from `seed`.
+    fn failure_wait(&self, attempts: u32, seed: &str) -> Duration {
+        let jitter = decide::jitter(&[seed, &attempts.to_string()]);
+        schedule::failure_backoff(
+            attempts,
+            self.settings.backoff_base,
+            self.settings.backoff_max,
+            jitter,
+        )
     }
 
     async fn publish(&self, token: &AwxToken, type_: EventType, reason: &str, note: String) {
@@ -907,44 +928,22 @@ impl Reconciler<'_> {
                 continue;
             }
             state_changed = true;
-            let outcome = match self.revoking_client(
-                &retiring.token,
-                &client,
-                &valid,
-                inputs.ca_bundle.as_deref(),
-            ) {
-                Ok(at) => {
-                    at.revoke(
-                        retiring.token.flavor(),
-                        &retiring.token.to_revoke(),
-                        &retiring.token.revocation(&inputs.revocation()),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            match outcome {
-                Ok(()) => {
-                    info!("revoked a replaced token");
-                    self.ctx
-                        .metrics
-                        .tokens_revoked
-                        .get_or_create(&FlavorLabels {
-                            flavor: flavor_label(retiring.token.flavor()),
-                        })
-                        .inc();
-                }
+            match self
+                .revoke_token(
+                    &retiring.token,
+                    &client,
+                    &valid,
+                    inputs.ca_bundle.as_deref(),
+                    &inputs.revocation(),
+                )
+                .await
+            {
+                Ok(()) => info!("revoked a replaced token"),
                 Err(e) => {
                     retiring.failed_attempts = retiring.failed_attempts.saturating_add(1);
-                    let jitter = decide::jitter(&[
-                        retiring.token.access_token.expose().get(..4).unwrap_or(""),
-                        &retiring.failed_attempts.to_string(),
-                    ]);
-                    let wait = schedule::failure_backoff(
+                    let wait = self.ctx.failure_wait(
                         retiring.failed_attempts,
-                        self.ctx.settings.backoff_base,
-                        self.ctx.settings.backoff_max,
-                        jitter,
+                        retiring.token.access_token.expose().get(..4).unwrap_or(""),
                     );
                     retiring.revoke_after = schedule::add(self.now, wait);
                     warn!(error = %e, retry_in = ?wait, "could not revoke a replaced token");
@@ -1131,6 +1130,34 @@ impl Reconciler<'_> {
                     .await;
             }
         }
+        Ok(())
+    }
+
+    /// Revokes `token` where it was issued (see `revoking_client`), with the application that
+    /// issued it or else `fallback`, and counts it.
+    async fn revoke_token(
+        &self,
+        token: &TokenRecord,
+        current: &AwxClient,
+        valid: &ValidSpec,
+        ca_bundle: Option<&[u8]>,
+        fallback: &RevocationCredentials,
+    ) -> Result<(), AwxError> {
+        let client = self.revoking_client(token, current, valid, ca_bundle)?;
+        client
+            .revoke(
+                token.flavor(),
+                &token.to_revoke(),
+                &token.revocation(fallback),
+            )
+            .await?;
+        self.ctx
+            .metrics
+            .tokens_revoked
+            .get_or_create(&FlavorLabels {
+                flavor: flavor_label(token.flavor()),
+            })
+            .inc();
         Ok(())
     }
 
@@ -1476,15 +1503,10 @@ impl Reconciler<'_> {
             self.patch_status(status.clone()).await?;
         }
         if retryable {
-            let jitter = decide::jitter(&[
-                &token.uid().unwrap_or_default(),
-                &status.failed_attempts.to_string(),
-            ]);
-            let wait = schedule::failure_backoff(
+            // failed_attempts is at least 1 here: a first failure always counts.
+            let wait = self.ctx.failure_wait(
                 status.failed_attempts.max(1),
-                self.ctx.settings.backoff_base,
-                self.ctx.settings.backoff_max,
-                jitter,
+                &token.uid().unwrap_or_default(),
             );
             Ok(Action::requeue(wait))
         } else {
@@ -1581,28 +1603,11 @@ impl Reconciler<'_> {
         let mut failed = Vec::new();
         let mut last_error = None;
         for retiring in all {
-            let outcome =
-                match self.revoking_client(&retiring.token, &client, &valid, ca.as_deref()) {
-                    Ok(at) => {
-                        at.revoke(
-                            retiring.token.flavor(),
-                            &retiring.token.to_revoke(),
-                            &retiring.token.revocation(&revocation),
-                        )
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-            match outcome {
-                Ok(()) => {
-                    self.ctx
-                        .metrics
-                        .tokens_revoked
-                        .get_or_create(&FlavorLabels {
-                            flavor: flavor_label(retiring.token.flavor()),
-                        })
-                        .inc();
-                }
+            match self
+                .revoke_token(&retiring.token, &client, &valid, ca.as_deref(), &revocation)
+                .await
+            {
+                Ok(()) => {}
                 Err(e) => {
                     last_error = Some(e.to_string());
                     failed.push(retiring);

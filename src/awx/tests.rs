@@ -1762,24 +1762,7 @@ mod properties {
     /// messages at 2048 characters and events at 1000.
     const MESSAGE_BOUND: usize = 1000;
 
-    const KNOWN_KEYS: [&str; 16] = [
-        "access_token",
-        "refresh_token",
-        "token",
-        "token_type",
-        "expires_in",
-        "expires",
-        "scope",
-        "error",
-        "error_description",
-        "detail",
-        "results",
-        "username",
-        "id",
-        "next",
-        "summary_fields",
-        "user",
-    ];
+    use crate::awx::wire::KNOWN_KEYS;
 
     const GRANT_TYPES: [&str; 3] = ["password", "client_credentials", "refresh_token"];
 

@@ -318,6 +318,28 @@ pub(crate) fn gateway_token_reference(token: &SecretString) -> SecretString {
     SecretString::from(format!("$sha256${}", hex::encode(digest)))
 }
 
+/// Keys AWX, the gateway and DRF use, so generated answers in property tests hit the
+/// interesting paths.
+#[cfg(test)]
+pub(crate) const KNOWN_KEYS: [&str; 16] = [
+    "access_token",
+    "refresh_token",
+    "token",
+    "token_type",
+    "expires_in",
+    "expires",
+    "scope",
+    "error",
+    "error_description",
+    "detail",
+    "results",
+    "username",
+    "id",
+    "next",
+    "summary_fields",
+    "user",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,26 +505,6 @@ mod tests {
     mod properties {
         use super::*;
         use proptest::prelude::*;
-
-        /// Keys AWX, the gateway and DRF use, so generated objects hit the interesting paths.
-        const KNOWN_KEYS: [&str; 16] = [
-            "access_token",
-            "refresh_token",
-            "token",
-            "token_type",
-            "expires_in",
-            "expires",
-            "scope",
-            "error",
-            "error_description",
-            "detail",
-            "results",
-            "username",
-            "id",
-            "next",
-            "summary_fields",
-            "user",
-        ];
 
         fn key() -> impl Strategy<Value = String> {
             prop_oneof![
