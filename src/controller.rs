@@ -803,7 +803,7 @@ impl Reconciler<'_> {
                     return Ok(Action::await_change());
                 }
             }
-            info!(reason = trigger.describe(), "obtaining a token");
+            info!(reason = trigger.describe(), "AWX request due");
             let flavor = match self
                 .ctx
                 .awx
@@ -830,86 +830,93 @@ impl Reconciler<'_> {
                     .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
                     .await;
             }
-            // Recorded before the request, so a restart in the middle knows to look for the
-            // token AWX may have created.
-            let intent = IssueIntent {
-                tag: format!("awxto-{:016x}", rand::random::<u64>()),
-                started_at: self.now,
-                personal: token.spec.grant.type_ == GrantType::PersonalAccessToken,
-                gateway: flavor == Flavor::Gateway,
-            };
-            state.issuing = Some(intent.clone());
-            self.save_state(&state).await?;
-            self.set_issuing(&trigger).await?;
-            let refresh_from = state.current.as_ref().filter(|_| {
-                valid.strategy == RenewalStrategy::Refresh && trigger.is_renewal() && !interrupted
-            });
-            let outcome = self.obtain(&client, &inputs, refresh_from, &intent).await;
-            state.issuing = None;
-            match outcome {
-                Ok((issued, flavor, refreshed)) => {
-                    let previous = state.current.take();
-                    let held = self.hold(
-                        issued,
-                        flavor,
-                        &valid,
-                        &inputs,
-                        refreshed,
-                        previous.as_ref(),
-                    );
-                    if let Some(old) = previous
-                        && !refreshed
-                    {
-                        state
-                            .retiring
-                            .push(old.retire(schedule::add(self.now, valid.revoke_grace_period)));
-                    }
-                    let labels = TokenLabels {
-                        grant: grant_label(token.spec.grant.type_),
-                        flavor: flavor_label(flavor),
-                    };
-                    self.ctx.metrics.tokens_issued.get_or_create(&labels).inc();
-                    if trigger.is_renewal() {
-                        self.ctx.metrics.tokens_renewed.get_or_create(&labels).inc();
-                    }
-                    state.current = Some(held);
-                    // Persist before the Secret changes: a crash now leaves a token the state
-                    // knows about, never one nobody can revoke.
-                    self.save_state(&state).await?;
-                    state_changed = false;
-                    if let Trigger::Forced(v) = &trigger {
-                        rotated_for = Some(v.clone());
-                    }
-                    self.ctx.with_memory(token, |m| {
-                        m.permanent_failure_inputs = None;
-                        m.verified_at = Some(self.now);
-                        m.in_backoff = false;
-                    });
-                    let note = format!(
-                        "Token {} ({})",
+            if trigger == Trigger::Interrupted {
+                // Looked for and cleaned up; the current token stays.
+                state_changed = true;
+            } else {
+                // Recorded before the request, so a restart in the middle knows to look for the
+                // token AWX may have created.
+                let intent = IssueIntent {
+                    tag: format!("awxto-{:016x}", rand::random::<u64>()),
+                    started_at: self.now,
+                    personal: token.spec.grant.type_ == GrantType::PersonalAccessToken,
+                    gateway: flavor == Flavor::Gateway,
+                };
+                state.issuing = Some(intent.clone());
+                self.save_state(&state).await?;
+                self.set_issuing(&trigger).await?;
+                let refresh_from = state.current.as_ref().filter(|_| {
+                    valid.strategy == RenewalStrategy::Refresh
+                        && trigger.is_renewal()
+                        && !interrupted
+                });
+                let outcome = self.obtain(&client, &inputs, refresh_from, &intent).await;
+                state.issuing = None;
+                match outcome {
+                    Ok((issued, flavor, refreshed)) => {
+                        let previous = state.current.take();
+                        let held = self.hold(
+                            issued,
+                            flavor,
+                            &valid,
+                            &inputs,
+                            refreshed,
+                            previous.as_ref(),
+                        );
+                        if let Some(old) = previous
+                            && !refreshed
+                        {
+                            state.retiring.push(
+                                old.retire(schedule::add(self.now, valid.revoke_grace_period)),
+                            );
+                        }
+                        let labels = TokenLabels {
+                            grant: grant_label(token.spec.grant.type_),
+                            flavor: flavor_label(flavor),
+                        };
+                        self.ctx.metrics.tokens_issued.get_or_create(&labels).inc();
                         if trigger.is_renewal() {
-                            "renewed"
-                        } else {
-                            "issued"
-                        },
-                        trigger.describe()
-                    );
-                    self.ctx
-                        .publish(token, EventType::Normal, "TokenIssued", note)
-                        .await;
-                }
-                Err(e) => {
-                    // A refusal, or a request that never reached AWX, created no token; any
-                    // other failure (a timeout, a 5xx, a cut answer) may have: keep the intent
-                    // so the next attempt looks for it first.
-                    let nothing_created =
-                        !e.is_retryable() || matches!(e.reason(), "AwxUnreachable" | "TlsError");
-                    if nothing_created {
+                            self.ctx.metrics.tokens_renewed.get_or_create(&labels).inc();
+                        }
+                        state.current = Some(held);
+                        // Persist before the Secret changes: a crash now leaves a token the state
+                        // knows about, never one nobody can revoke.
                         self.save_state(&state).await?;
+                        state_changed = false;
+                        if let Trigger::Forced(v) = &trigger {
+                            rotated_for = Some(v.clone());
+                        }
+                        self.ctx.with_memory(token, |m| {
+                            m.permanent_failure_inputs = None;
+                            m.verified_at = Some(self.now);
+                            m.in_backoff = false;
+                        });
+                        let note = format!(
+                            "Token {} ({})",
+                            if trigger.is_renewal() {
+                                "renewed"
+                            } else {
+                                "issued"
+                            },
+                            trigger.describe()
+                        );
+                        self.ctx
+                            .publish(token, EventType::Normal, "TokenIssued", note)
+                            .await;
                     }
-                    return self
-                        .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
-                        .await;
+                    Err(e) => {
+                        // A refusal, or a request that never reached AWX, created no token; any
+                        // other failure (a timeout, a 5xx, a cut answer) may have: keep the intent
+                        // so the next attempt looks for it first.
+                        let nothing_created = !e.is_retryable()
+                            || matches!(e.reason(), "AwxUnreachable" | "TlsError");
+                        if nothing_created {
+                            self.save_state(&state).await?;
+                        }
+                        return self
+                            .fail(Failure::Awx(e), Some(&inputs.fingerprint), has_token)
+                            .await;
+                    }
                 }
             }
         }

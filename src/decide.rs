@@ -21,6 +21,9 @@ pub enum Trigger {
     Due,
     /// AWX rejected the token during verification.
     Rejected,
+    /// Nothing is due, but a token request was interrupted (the process stopped before its
+    /// answer was recorded): look for what it may have created.
+    Interrupted,
 }
 
 impl Trigger {
@@ -36,6 +39,7 @@ impl Trigger {
             Trigger::Forced(_) => "rotation requested by annotation",
             Trigger::Due => "renewal time reached",
             Trigger::Rejected => "AWX rejected the token in the Secret",
+            Trigger::Interrupted => "an interrupted token request is looked for",
         }
     }
 }
@@ -60,7 +64,10 @@ pub fn trigger(
     {
         return Some(Trigger::Forced(value.to_string()));
     }
-    (now >= current.renewal_time).then_some(Trigger::Due)
+    if now >= current.renewal_time {
+        return Some(Trigger::Due);
+    }
+    state.issuing.is_some().then_some(Trigger::Interrupted)
 }
 
 /// What the failure history says about attempting now.
@@ -206,6 +213,23 @@ mod tests {
             Some(Trigger::Due)
         );
         assert_eq!(trigger(t(99), &s, "x", None, None), None);
+        // An interrupted request is looked for even when nothing is due (e.g. the renewal
+        // policy changed after the crash), but does not outrank a renewal.
+        let mut interrupted = state("x", 100);
+        interrupted.issuing = Some(crate::state::IssueIntent {
+            tag: "awxto-0".into(),
+            started_at: t(0),
+            personal: true,
+            gateway: false,
+        });
+        assert_eq!(
+            trigger(t(99), &interrupted, "x", None, None),
+            Some(Trigger::Interrupted)
+        );
+        assert_eq!(
+            trigger(t(100), &interrupted, "x", None, None),
+            Some(Trigger::Due)
+        );
     }
 
     #[test]
