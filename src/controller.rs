@@ -711,17 +711,19 @@ impl Reconciler<'_> {
             .annotations()
             .get(ROTATE_ANNOTATION)
             .map(String::as_str);
-        let mut rotated_for = status.rotated_for.clone();
+        if state.rotated_for.is_none() {
+            state.rotated_for = status.rotated_for.clone();
+        }
         let mut trigger = decide::trigger(
             self.now,
             &state,
             &inputs.fingerprint,
             rotate,
-            rotated_for.as_deref(),
+            state.rotated_for.as_deref(),
         );
         if trigger == Some(Trigger::Initial) {
             // An annotation present at creation asks for nothing beyond the first issue.
-            rotated_for = rotate.map(str::to_string);
+            state.rotated_for = rotate.map(str::to_string);
         }
 
         let client = match self.ctx.awx.client(
@@ -879,13 +881,13 @@ impl Reconciler<'_> {
                             self.ctx.metrics.tokens_renewed.get_or_create(&labels).inc();
                         }
                         state.current = Some(held);
+                        if let Trigger::Forced(v) = &trigger {
+                            state.rotated_for = Some(v.clone());
+                        }
                         // Persist before the Secret changes: a crash now leaves a token the state
                         // knows about, never one nobody can revoke.
                         self.save_state(&state).await?;
                         state_changed = false;
-                        if let Trigger::Forced(v) = &trigger {
-                            rotated_for = Some(v.clone());
-                        }
                         self.ctx.with_memory(token, |m| {
                             m.permanent_failure_inputs = None;
                             m.verified_at = Some(self.now);
@@ -974,7 +976,7 @@ impl Reconciler<'_> {
                 .await;
         }
 
-        self.report_ready(&state, &valid, rotated_for).await?;
+        self.report_ready(&state, &valid).await?;
         Ok(Action::requeue(self.next_wake(&state, &valid)))
     }
 
@@ -1325,12 +1327,7 @@ impl Reconciler<'_> {
         self.patch_status(status).await
     }
 
-    async fn report_ready(
-        &self,
-        state: &TokenState,
-        valid: &ValidSpec,
-        rotated_for: Option<String>,
-    ) -> Result<(), Error> {
+    async fn report_ready(&self, state: &TokenState, valid: &ValidSpec) -> Result<(), Error> {
         let Some(current) = &state.current else {
             return Ok(());
         };
@@ -1351,7 +1348,7 @@ impl Reconciler<'_> {
                 .flatten()
                 .map(|t| Time(schedule::add(t, REFRESH_TOKEN_LIFETIME))),
             pending_revocations: state.retiring.len() as u32,
-            rotated_for,
+            rotated_for: state.rotated_for.clone(),
             failed_attempts: 0,
             last_failure_time: None,
             last_failure_message: None,

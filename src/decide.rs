@@ -188,6 +188,7 @@ mod tests {
             }),
             retiring: vec![],
             issuing: None,
+            rotated_for: None,
         }
     }
 

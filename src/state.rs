@@ -46,6 +46,11 @@ pub struct TokenState {
     /// it is still here, the process stopped in between and AWX may hold a token nobody knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuing: Option<IssueIntent>,
+    /// The rotate annotation's value last acted on. Kept here, read fresh on every reconcile,
+    /// not only in status: a reconcile working from a cached object whose status is not
+    /// updated yet must not rotate a second time for the same value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_for: Option<String>,
 }
 
 /// A token request in flight.
@@ -218,6 +223,7 @@ mod tests {
                 personal: true,
                 gateway: false,
             }),
+            rotated_for: Some("r1".into()),
         };
         state
             .retiring

@@ -570,6 +570,19 @@ pub async fn forced_rotation_and_suspend(env: Arc<Env>) -> TestResult {
         json!({"suspend": true}),
     ))?;
     wait_ready(&env, &s.ns, "f", "True", Some("Suspended")).await?;
+    // One token per rotation: the first issue and the one for "one", never a second for it.
+    let grants = s
+        .awx
+        .requests_for(&s.user)
+        .await?
+        .iter()
+        .filter(|r| r["grant_type"] == "password")
+        .count();
+    ensure_eq!(
+        grants,
+        2,
+        "password grants for the first issue and one rotation"
+    );
     let before = s.awx.requests_for(&s.user).await?.len();
     env.kubectl(&[
         "annotate",
