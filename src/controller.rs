@@ -1331,6 +1331,9 @@ impl Reconciler<'_> {
         let Some(current) = &state.current else {
             return Ok(());
         };
+        // Ready again, also when the failure was fixed without a new token (a spec or Secret
+        // conflict resolved): no longer in backoff.
+        self.ctx.with_memory(self.token, |m| m.in_backoff = false);
         let old = self.status();
         let mut status = AwxTokenStatus {
             conditions: old.conditions.clone(),
