@@ -10,9 +10,8 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::Write,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     time::Duration,
 };
@@ -21,7 +20,9 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::support::{Env, Operator, TestResult, condition, repo_root, sha256_hex, wait_for};
+use crate::support::{
+    Env, Operator, TestResult, condition, repo_root, run_tool, sha256_hex, wait_for,
+};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -31,47 +32,6 @@ fn chart_dir() -> String {
         .join("charts/awx-token-operator")
         .display()
         .to_string()
-}
-
-/// A finished helm or kubectl run.
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `tool` (helm or kubectl from the tools dir) as the identity of `kubeconfig`.
-fn run_tool(
-    env: &Env,
-    tool: &str,
-    kubeconfig: &Path,
-    args: &[&str],
-    stdin: &str,
-) -> Result<Run, String> {
-    let helm_home = env.run_dir.join("helm");
-    let mut child = Command::new(env.tools_bin.join(tool))
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        // Helm's cache and configuration stay in the run dir, out of the user's home.
-        .env("HELM_CACHE_HOME", helm_home.join("cache"))
-        .env("HELM_CONFIG_HOME", helm_home.join("config"))
-        .env("HELM_DATA_HOME", helm_home.join("data"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{tool}: {e}"))?;
-    if let Some(mut input) = child.stdin.take() {
-        input
-            .write_all(stdin.as_bytes())
-            .map_err(|e| e.to_string())?;
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    Ok(Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
 }
 
 /// helm as the cluster admin; Err carries helm's message.

@@ -156,27 +156,14 @@ impl Env {
     }
 
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String, String> {
-        let mut child = Command::new(self.tools_bin.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("kubectl: {e}"))?;
-        if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(stdin.as_bytes())
-                .map_err(|e| e.to_string())?;
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let run = run_tool(self, "kubectl", &self.kubeconfig, args, stdin)?;
+        if run.ok {
+            Ok(run.stdout)
         } else {
             Err(format!(
                 "kubectl {} failed: {}",
                 args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
+                run.stderr.trim()
             ))
         }
     }
@@ -819,4 +806,46 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Outcome of a kubectl or helm run.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `tool` (helm or kubectl from the tools dir) as the identity of `kubeconfig`.
+/// Runs kubectl or helm from the tools dir as `kubeconfig`'s user, with `stdin`.
+pub fn run_tool(
+    env: &Env,
+    tool: &str,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: &str,
+) -> Result<Run, String> {
+    let helm_home = env.run_dir.join("helm");
+    let mut child = Command::new(env.tools_bin.join(tool))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        // Helm's cache and configuration stay in the run dir, out of the user's home.
+        .env("HELM_CACHE_HOME", helm_home.join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.join("config"))
+        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{tool}: {e}"))?;
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    Ok(Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
