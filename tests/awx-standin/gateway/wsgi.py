@@ -1,0 +1,20 @@
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
+import django  # noqa: E402
+
+django.setup()
+if os.environ.get("STANDIN_MIGRATE") == "1":
+    # standin.sh start: migrate in the (single) worker before serving; saves a Django start-up.
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", interactive=False, verbosity=0)
+    from gateway.glue import ensure_local_authenticator
+
+    ensure_local_authenticator()
+    connections.close_all()
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+
+application = get_wsgi_application()
