@@ -637,6 +637,18 @@ impl Standin {
         .map(drop)
     }
 
+    /// Cost (PBKDF2 iterations) of the password hashes made from now on; by default Django's
+    /// 600000, which makes each password check cost AWX about 0.3 s of CPU.
+    pub async fn set_password_cost(&self, iterations: u64) -> TestResult {
+        self.call(
+            reqwest::Method::PUT,
+            "/_standin/settings",
+            Some(json!({"password_hash_iterations": iterations})),
+        )
+        .await
+        .map(drop)
+    }
+
     pub async fn set_fault(&self, fault: Value) -> TestResult {
         self.call(reqwest::Method::PUT, "/_standin/faults", Some(fault))
             .await

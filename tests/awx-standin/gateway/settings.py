@@ -57,6 +57,8 @@ AUTH_USER_MODEL = "gateway.User"
 SYSTEM_USERNAME = "_system"  # the gateway's internal user name, refused at login
 ANSIBLE_BASE_ORGANIZATION_MODEL = "gateway.Organization"
 ANSIBLE_BASE_TEAM_MODEL = "gateway.Team"
+# Django's default hasher and cost (the runtime setting password_hash_iterations may lower it).
+PASSWORD_HASHERS = ["standin.hashers.StandinPBKDF2PasswordHasher"]
 AUTHENTICATION_BACKENDS = []  # django-ansible-base adds its AnsibleBaseAuth (the authenticators)
 # External users (LDAP, SAML, ...) log in through gateway.authenticator_plugins.external.
 ANSIBLE_BASE_AUTHENTICATOR_CLASS_PREFIXES = ["ansible_base.authentication.authenticator_plugins",

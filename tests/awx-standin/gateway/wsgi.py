@@ -15,6 +15,15 @@ if os.environ.get("STANDIN_MIGRATE") == "1":
     ensure_local_authenticator()
     connections.close_all()
 
+import time  # noqa: E402
+
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
-application = get_wsgi_application()
+django_application = get_wsgi_application()
+
+
+def application(environ, start_response):
+    # When the request line and headers arrived (the request log's time): before Django and
+    # before the body is read.
+    environ["standin.arrived"] = time.time()
+    return django_application(environ, start_response)

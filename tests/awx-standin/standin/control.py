@@ -62,7 +62,8 @@ class RequestLog:
 
     def start(self, request, grant_type, user):
         with self.lock:
-            e = {"seq": self.next_seq, "time": time.time(), "method": request.method, "path": request.path,
+            e = {"seq": self.next_seq, "time": request.META.get("standin.arrived") or time.time(),
+                 "method": request.method, "path": request.path,
                  "status": None, "grant_type": grant_type, "user": user, "error": None, "fault": None}
             self.next_seq += 1
             self.entries.append(e)
@@ -417,6 +418,8 @@ def settings_view(request):
                 return bad("unknown setting %s" % k)
             if k.endswith("_seconds") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 return bad("%s must be an integer >= 0" % k)
+            if k.endswith("_iterations") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                return bad("%s must be an integer >= 1" % k)
             if (k.startswith("allow_") or k.startswith("serialize_")) and not isinstance(v, bool):
                 return bad("%s must be a boolean" % k)
         set_settings(data)

@@ -3,6 +3,7 @@ built on django-oauth-toolkit 1.7.1's validator."""
 import json
 
 from django.conf import settings
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from .models import Setting
 
@@ -11,8 +12,10 @@ DEFAULTS = {
     "access_token_expire_seconds": settings.OAUTH2_PROVIDER["ACCESS_TOKEN_EXPIRE_SECONDS"],
     "refresh_token_expire_seconds": settings.OAUTH2_PROVIDER["REFRESH_TOKEN_EXPIRE_SECONDS"],
     "allow_oauth2_for_external_users": settings.ALLOW_OAUTH2_FOR_EXTERNAL_USERS,
-    # Not an AWX setting: true orders the uses of one refresh token (see README "Refresh races").
+    # Not AWX settings: true orders the uses of one refresh token (see README "Refresh races");
+    # the cost of new password hashes (Django's default, which AWX uses, unless changed).
     "serialize_refresh_token_use": True,
+    "password_hash_iterations": PBKDF2PasswordHasher.iterations,
 }
 
 

@@ -31,7 +31,9 @@ DATABASES = {
         "CONN_HEALTH_CHECKS": True,
     }
 }
-# AWX sets no PASSWORD_HASHERS: Django's default, PBKDF2-SHA256 with 600000 iterations in 4.2.
+# AWX sets no PASSWORD_HASHERS: Django's default, PBKDF2-SHA256 with 600000 iterations in 4.2;
+# the stand-in's is that hasher with its cost from the runtime settings (default 600000).
+PASSWORD_HASHERS = ["standin.hashers.StandinPBKDF2PasswordHasher"]
 AUTHENTICATION_BACKENDS = ["django.contrib.auth.backends.ModelBackend"]
 
 # AWX 24.6.1 awx/settings/defaults.py.
