@@ -22,6 +22,19 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 django_application = get_wsgi_application()
 
 
+def _warm_up():
+    """Imports every view and builds what the first requests would (before the health check
+    answers): a first request must not hold up the ones arriving with it."""
+    from django.contrib.auth.hashers import get_hashers
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns
+    get_hashers()
+
+
+_warm_up()
+
+
 def application(environ, start_response):
     # When the request line and headers arrived (the request log's time): before Django and
     # before the body is read.
