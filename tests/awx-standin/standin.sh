@@ -290,7 +290,7 @@ cmd_start() {
   # The access log holds method, path (no query string) and status only.
   "$VENV/bin/gunicorn" "${settings_module%.settings}.wsgi:application" --chdir "$HERE" \
     --bind "127.0.0.1:$port" --workers 1 --worker-class gthread --threads 64 \
-    --timeout 120 --graceful-timeout 2 --keep-alive 5 --backlog 512 "${tls[@]}" \
+    --timeout 120 --graceful-timeout 2 --keep-alive 65 --backlog 512 "${tls[@]}" \
     --access-logfile "$run/access.log" --access-logformat '%(m)s %(U)s %(s)s' \
     --error-logfile "$run/server.log" --log-level info \
     </dev/null >>"$run/server.log" 2>&1 &

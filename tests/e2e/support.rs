@@ -421,6 +421,18 @@ fn sh_output(cmd: &str) -> Result<String, String> {
     }
 }
 
+/// An error with its sources ("error sending request" alone does not say what failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -462,7 +474,7 @@ impl Standin {
             // The tests' own client (control API, whoami) trusts the stand-in's test certificate.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
-                // The stand-in closes idle connections after 5 s; never reuse one near that.
+                // The stand-in closes idle connections after 65 s (as AWX's nginx); keep far below.
                 .pool_idle_timeout(Duration::from_secs(1))
                 .danger_accept_invalid_certs(true)
                 .build()
@@ -534,7 +546,7 @@ impl Standin {
         let resp = req
             .send()
             .await
-            .map_err(|e| format!("stand-in {path}: {e}"))?;
+            .map_err(|e| format!("stand-in {path}: {}", error_chain(&e)))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
