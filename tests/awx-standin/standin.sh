@@ -2,6 +2,7 @@
 # AWX stand-in for end-to-end tests (see README.md).
 #
 #   standin.sh start RUN_DIR [--mode awx|gateway|generic] [--port N] [--tls-cert F --tls-key F]
+#                            [--password-hash-iterations N]
 #       prints the base URL as its last stdout line; writes RUN_DIR/{pid,port,url,mode}
 #   standin.sh stop RUN_DIR
 #   standin.sh venv [MODE]     create the virtualenv of MODE (default awx) if needed, print its path
@@ -203,21 +204,22 @@ children_of() {
 
 stop_server() {
   local run=$1 pid kids k i
-  [ -f "$run/pid" ] || return 0
-  pid=$(cat "$run/pid")
-  if ours "$pid"; then
-    kids=$(children_of "$pid")
-    # Killed at once, master and worker: a stand-in for "AWX down" (open and hung requests just
-    # lose their connection). Then its PostgreSQL goes down too; every commit is kept.
-    kill -KILL "$pid" 2>/dev/null || true
-    for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
-    for i in $(seq 1 200); do alive "$pid" || break; sleep 0.02; done
-    for k in $kids; do
-      for i in $(seq 1 200); do alive "$k" || break; sleep 0.02; done
-    done
+  if [ -f "$run/pid" ]; then
+    pid=$(cat "$run/pid")
+    if ours "$pid"; then
+      kids=$(children_of "$pid")
+      # Killed at once, master and worker: a stand-in for "AWX down" (open and hung requests just
+      # lose their connection). Then its PostgreSQL goes down too; every commit is kept.
+      kill -KILL "$pid" 2>/dev/null || true
+      for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
+      for i in $(seq 1 200); do alive "$pid" || break; sleep 0.02; done
+      for k in $kids; do
+        for i in $(seq 1 200); do alive "$k" || break; sleep 0.02; done
+      done
+    fi
+    rm -f "$run/pid"
   fi
-  rm -f "$run/pid"
-  pg_stop "$run"
+  pg_stop "$run"  # also when a start failed before the server ran
 }
 
 port_free() {
@@ -237,21 +239,23 @@ free_port() {
 }
 
 cmd_start() {
-  [ $# -ge 1 ] || die "usage: standin.sh start RUN_DIR [--mode awx|gateway|generic] [--port N] [--tls-cert F --tls-key F]"
+  [ $# -ge 1 ] || die "usage: standin.sh start RUN_DIR [--mode awx|gateway|generic] [--port N] [--tls-cert F --tls-key F] [--password-hash-iterations N]"
   local run=$1; shift
-  local mode=awx port="" cert="" key=""
+  local mode=awx port="" cert="" key="" iterations=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --mode) mode=$2; shift 2;;
       --mode=*) mode=${1#*=}; shift;;
       --port) port=$2; shift 2;;
       --port=*) port=${1#*=}; shift;;
+      --password-hash-iterations) iterations=$2; shift 2;;
       --tls-cert) cert=$2; shift 2;;
       --tls-key) key=$2; shift 2;;
       *) die "unknown argument: $1";;
     esac
   done
   case "$mode" in awx|gateway|generic) ;; *) die "--mode must be awx, gateway or generic";; esac
+  [ -z "$iterations" ] || [[ "$iterations" =~ ^[1-9][0-9]*$ ]] || die "--password-hash-iterations takes a positive integer"
   if [ -n "$cert$key" ] && { [ -z "$cert" ] || [ -z "$key" ]; }; then die "--tls-cert and --tls-key go together"; fi
   mkdir -p "$run"
   run="$(cd "$run" && pwd)"
@@ -283,6 +287,12 @@ cmd_start() {
   [ "$mode" != gateway ] || settings_module=gateway.settings
   export STANDIN_MODE=$mode STANDIN_RUN_DIR=$run DJANGO_SETTINGS_MODULE=$settings_module
   export STANDIN_DB_HOST=$DB_HOST STANDIN_DB_PORT=$DB_PORT
+  # The default of the runtime setting password_hash_iterations (else Django's 600000).
+  if [ -n "$iterations" ]; then
+    export STANDIN_PASSWORD_HASH_ITERATIONS=$iterations
+  else
+    unset STANDIN_PASSWORD_HASH_ITERATIONS
+  fi
   export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
   export STANDIN_MIGRATE=1  # the worker runs the migrations before it serves (standin/wsgi.py)
   # One worker process (in-memory faults and request log are shared), many threads; requests run

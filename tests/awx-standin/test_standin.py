@@ -1058,3 +1058,19 @@ def test_password_cost_setting_and_rehash_on_login(awx):
     assert stored().startswith("pbkdf2_sha256$600000$")
     r = requests.put(awx.url + "/_standin/settings", json={"password_hash_iterations": 0}, timeout=10)
     assert r.status_code == 400
+
+
+def test_start_sets_the_default_password_cost(tmp_path):
+    run = tmp_path / "run"
+    s = Server(start(run, "awx", "--password-hash-iterations", "2000"), "awx", run)
+    try:
+        assert s.ctl("GET", "settings")["password_hash_iterations"] == 2000
+        user, _ = s.user()
+        assert [u for u in s.ctl("GET", "users")["users"] if u["username"] == user][0]["password_hash"].startswith(
+            "pbkdf2_sha256$2000$")
+        s.ctl("PUT", "settings", {"password_hash_iterations": 3000})
+        assert s.ctl("DELETE", "settings")["password_hash_iterations"] == 2000  # back to the start's default
+    finally:
+        stop(run)
+    bad = subprocess.run([SH, "start", str(run), "--password-hash-iterations", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "positive integer" in bad.stderr

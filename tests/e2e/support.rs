@@ -440,6 +440,18 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// PBKDF2 cost of the stand-ins' password hashes: `AWXTO_E2E_PASSWORD_ITERATIONS`, else 1000.
+/// AWX's (Django's) 600000 costs ~0.3 s of CPU per password check: the suite's concurrent
+/// scenarios then need more than 2 cores and their timings (grace periods, rotations every few
+/// seconds) slip. The stand-in's self-tests and `AWXTO_E2E_PASSWORD_ITERATIONS=600000` run at
+/// AWX's cost.
+fn password_hash_iterations() -> String {
+    std::env::var("AWXTO_E2E_PASSWORD_ITERATIONS")
+        .ok()
+        .filter(|v| v.parse::<u32>().is_ok_and(|n| n > 0))
+        .unwrap_or_else(|| "1000".to_string())
+}
+
 /// One AWX stand-in process (tests/awx-standin).
 pub struct Standin {
     pub url: String,
@@ -502,6 +514,7 @@ impl Standin {
             .arg("start")
             .arg(dir)
             .args(["--mode", mode, "--port", &port.to_string()])
+            .args(["--password-hash-iterations", &password_hash_iterations()])
             .args(tls_args)
             .stderr(Stdio::inherit())
             .output()

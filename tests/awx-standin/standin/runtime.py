@@ -1,6 +1,7 @@
 """Runtime settings (PUT /_standin/settings, kept in the DB) and, for AWX, the oauthlib server
 built on django-oauth-toolkit 1.7.1's validator."""
 import json
+import os
 
 from django.conf import settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
@@ -13,9 +14,10 @@ DEFAULTS = {
     "refresh_token_expire_seconds": settings.OAUTH2_PROVIDER["REFRESH_TOKEN_EXPIRE_SECONDS"],
     "allow_oauth2_for_external_users": settings.ALLOW_OAUTH2_FOR_EXTERNAL_USERS,
     # Not AWX settings: true orders the uses of one refresh token (see README "Refresh races");
-    # the cost of new password hashes (Django's default, which AWX uses, unless changed).
+    # the cost of new password hashes (Django's default, which AWX uses, unless standin.sh start
+    # was given --password-hash-iterations).
     "serialize_refresh_token_use": True,
-    "password_hash_iterations": PBKDF2PasswordHasher.iterations,
+    "password_hash_iterations": int(os.environ.get("STANDIN_PASSWORD_HASH_ITERATIONS") or PBKDF2PasswordHasher.iterations),
 }
 
 
