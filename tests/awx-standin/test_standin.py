@@ -648,6 +648,13 @@ def test_fifty_concurrent_requests(awx, setup):
 
 def test_restart_keeps_the_db_and_tls(tmp_path):
     run = tmp_path / "run"
+    try:
+        restart_keeps_the_db_and_tls(tmp_path, run)
+    finally:
+        stop(run)  # also when an assertion failed half-way
+
+
+def restart_keeps_the_db_and_tls(tmp_path, run):
     url = start(run, "awx")
     port = int((run / "port").read_text())
     assert url == "http://127.0.0.1:%d" % port == (run / "url").read_text().strip()
