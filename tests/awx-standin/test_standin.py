@@ -4,6 +4,8 @@ Run: tests/awx-standin/standin.sh test [-x -q ...]
 Servers: STANDIN_URL (any mode, found from /_standin/health) or STANDIN_AWX_URL,
 STANDIN_GATEWAY_URL, STANDIN_GENERIC_URL; every mode not given is started with standin.sh.
 """
+import datetime
+import email.utils
 import hashlib
 import json
 import os
@@ -77,9 +79,9 @@ class Server:
                                                  "grant_type": grant, "user": owner})
         return out
 
-    def password_grant(self, app, user, pw, **extra):
+    def password_grant(self, app, user, pw, timeout=30, **extra):
         data = {"grant_type": "password", "username": user, "password": pw, **extra}
-        return self.post(self.token_path, data=data, auth=(app["client_id"], app["client_secret"]))
+        return self.post(self.token_path, data=data, auth=(app["client_id"], app["client_secret"]), timeout=timeout)
 
     def refresh(self, app, refresh_token):
         return self.post(self.token_path, data={"grant_type": "refresh_token", "refresh_token": refresh_token},
@@ -632,8 +634,10 @@ def test_fifty_concurrent_requests(awx, setup):
     app, user, pw = setup["app"], setup["user"], setup["pw"]
 
     def one(i):
-        if i % 2:
-            return awx.password_grant(app, user, pw).status_code
+        # A password check costs ~0.3 s of CPU (Django's default PBKDF2): 10 of them, 90 cheap calls.
+        if i % 10 == 0:
+            return requests.post(awx.url + awx.token_path, timeout=120, auth=(app["client_id"], app["client_secret"]),
+                                 data={"grant_type": "password", "username": user, "password": pw}).status_code
         return awx.me(setup["tok"]["access_token"]).status_code
     with ThreadPoolExecutor(50) as ex:
         codes = list(ex.map(one, range(100)))
@@ -644,6 +648,13 @@ def test_fifty_concurrent_requests(awx, setup):
 
 def test_restart_keeps_the_db_and_tls(tmp_path):
     run = tmp_path / "run"
+    try:
+        restart_keeps_the_db_and_tls(tmp_path, run)
+    finally:
+        stop(run)  # also when an assertion failed half-way
+
+
+def restart_keeps_the_db_and_tls(tmp_path, run):
     url = start(run, "awx")
     port = int((run / "port").read_text())
     assert url == "http://127.0.0.1:%d" % port == (run / "url").read_text().strip()
@@ -688,8 +699,10 @@ def test_restart_keeps_the_db_and_tls(tmp_path):
         assert url.startswith("https://127.0.0.1:")
         r = requests.get(url + "/api/gateway/v1/", verify=False, timeout=10)
         assert r.status_code == 200
-        # same DB, other flavour: token values were stored plain by the awx run, so unknown here
-        assert requests.get(url + "/api/gateway/v1/me/", auth=(user, pw), verify=False, timeout=10).status_code == 200
+        # another flavour's schema: the gateway starts from an empty database
+        assert requests.get(url + "/api/gateway/v1/me/", auth=(user, pw), verify=False, timeout=10).status_code == 401
+        names = [u["username"] for u in requests.get(url + "/_standin/users", verify=False, timeout=10).json()["users"]]
+        assert user not in names
     finally:
         stop(run)
 
@@ -710,3 +723,361 @@ def test_stop_is_quick_with_a_hung_request(tmp_path):
     stop(run)
     assert time.time() - t0 < 15
     th.join(20)
+
+
+# ---------------------------------------------------------------- password hashing, concurrency
+
+def test_passwords_use_djangos_default_pbkdf2(awx):
+    # Django 4.2's default hasher and cost, as AWX sets no PASSWORD_HASHERS
+    user, pw = awx.user()
+    hashed = [u for u in awx.ctl("GET", "users")["users"] if u["username"] == user][0]["password_hash"]
+    algorithm, iterations, salt, digest = hashed.split("$")
+    assert (algorithm, iterations) == ("pbkdf2_sha256", "600000") and len(salt) >= 22 and digest
+    # each check pays for it: a password grant takes at least as long as one PBKDF2 of that cost
+    one = time.perf_counter()
+    hashlib.pbkdf2_hmac("sha256", pw.encode(), salt.encode(), 600000)
+    one = time.perf_counter() - one
+    app = awx.app()
+    t0 = time.perf_counter()
+    assert awx.password_grant(app, user, pw).status_code == 200
+    assert time.perf_counter() - t0 >= 0.5 * one
+
+
+def test_password_checks_are_not_serialised(awx):
+    """A cheap request is answered while another one is still hashing a password (no
+    process-wide lock; the hashing releases the GIL), whatever the machine's load."""
+    awx.ctl("PUT", "settings", {"password_hash_iterations": 8000000})  # a ~4 s check
+    slow_user, slow_pw = awx.user()
+    awx.ctl("PUT", "settings", {"password_hash_iterations": 1000})
+    user, pw = awx.user()
+    app = awx.app()
+    slow = {}
+
+    def slow_grant():
+        t0 = time.perf_counter()
+        slow["status"] = awx.password_grant(app, slow_user, slow_pw, timeout=120).status_code
+        slow["took"] = time.perf_counter() - t0
+    th = threading.Thread(target=slow_grant)
+    th.start()
+    time.sleep(0.3)  # the slow one is hashing now
+    t0 = time.perf_counter()
+    assert awx.password_grant(app, user, pw).status_code == 200
+    fast = time.perf_counter() - t0
+    th.join()
+    assert slow["status"] == 200 and slow["took"] > 1.5
+    assert fast < slow["took"] / 3, (fast, slow)
+
+
+# ---------------------------------------------------------------- transactions
+
+def test_a_5xx_commits_nothing(awx, setup):
+    """ATOMIC_REQUESTS: the refresh whose access token was deleted raises (HTTP 500) after DOT
+    revoked the refresh token and created new tokens in the same transaction: all rolled back."""
+    user, pw, app, tok = setup["user"], setup["pw"], setup["app"], setup["tok"]
+    tid = awx.get("/api/v2/tokens/", auth=(user, pw)).json()["results"][0]["id"]
+    assert awx.delete("/api/v2/tokens/%d/" % tid, auth=(user, pw)).status_code == 204
+    before = awx.live(user=user)
+    assert awx.refresh(app, tok["refresh_token"]).status_code == 500
+    after = awx.live(user=user)
+    assert after == before
+    assert [r["revoked"] for r in after["refresh_tokens"]] == [False]
+
+
+def test_concurrent_refresh_without_serialisation_gives_the_same_pair(awx, setup):
+    """django-oauth-toolkit 1.7.1 on PostgreSQL, left alone: a refresh that overlaps another of the
+    same token waits for its row lock, then answers 200 with the pair the first one created."""
+    awx.ctl("PUT", "settings", {"serialize_refresh_token_use": False})
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: awx.refresh(setup["app"], setup["tok"]["refresh_token"]), range(4)))
+    ok = [r.json() for r in results if r.status_code == 200]
+    assert ok and all(r.status_code in (200, 400) for r in results)
+    assert len({(t["access_token"], t["refresh_token"]) for t in ok}) == 1
+    live = awx.live(user=setup["user"])
+    assert [a["sha256"] for a in live["access_tokens"]] == [sha(ok[0]["access_token"])]
+    assert len(live["refresh_tokens"]) == 2
+
+
+def test_concurrent_refresh_gateway_only_one_wins(gw):
+    user, pw = gw.user()
+    app = gw.app()
+    t = gw.password_grant(app, user, pw).json()
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: gw.refresh(app, t["refresh_token"]), range(4)))
+    assert sorted(r.status_code for r in results) == [201, 400, 400, 400]
+    assert all(r.json() == {"error": "invalid_grant"} for r in results if r.status_code == 400)
+
+
+# ---------------------------------------------------------------- token listing (AWX)
+
+def make_tokens(awx, user, pw, n, **body):
+    return [awx.post("/api/v2/tokens/", json=dict(body, description="%s-%d" % (body.get("description", "t"), i)),
+                     auth=(user, pw)).json() for i in range(n)]
+
+
+def test_token_list_pagination(awx):
+    user, pw = awx.user()
+    made = make_tokens(awx, user, pw, 27)
+    ids = [t["id"] for t in made]
+    r = awx.get("/api/v2/tokens/", auth=(user, pw)).json()
+    assert r["count"] == 27 and [t["id"] for t in r["results"]] == ids[:25] and r["previous"] is None
+    assert r["next"] == "/api/v2/tokens/?page=2"
+    r2 = awx.get(r["next"], auth=(user, pw)).json()
+    assert [t["id"] for t in r2["results"]] == ids[25:] and r2["next"] is None and r2["previous"] == "/api/v2/tokens/?page=1"  # AWX keeps page=1
+    r = awx.get("/api/v2/tokens/?page_size=500", auth=(user, pw)).json()  # capped at 200
+    assert len(r["results"]) == 27 and r["next"] is None
+    r = awx.get("/api/v2/tokens/?page_size=10&page=2", auth=(user, pw)).json()
+    assert [t["id"] for t in r["results"]] == ids[10:20]
+    assert r["next"] == "/api/v2/tokens/?page=3&page_size=10" and r["previous"] == "/api/v2/tokens/?page=1&page_size=10"
+    bad = awx.get("/api/v2/tokens/?page=4&page_size=10", auth=(user, pw))
+    assert bad.status_code == 404 and bad.json() == {"detail": "Invalid page."}
+    assert awx.get("/api/v2/tokens/?page=0", auth=(user, pw)).status_code == 404
+    r = awx.get("/api/v2/tokens/?count_disabled=1&page_size=5", auth=(user, pw)).json()
+    assert set(r) == {"results"} and len(r["results"]) == 5
+    item = awx.get("/api/v2/tokens/?id=%d" % ids[0], auth=(user, pw)).json()["results"][0]
+    assert list(item) == ["id", "type", "url", "related", "summary_fields", "created", "modified", "description",
+                          "user", "token", "refresh_token", "application", "expires", "scope"]
+    assert item["token"] == "************" and item["refresh_token"] is None
+
+
+def test_token_list_visibility(awx):
+    alice, apw = awx.user()
+    bob, bpw = awx.user()
+    admin, dpw = awx.user(superuser=True)
+    a = make_tokens(awx, alice, apw, 2)
+    b = make_tokens(awx, bob, bpw, 1)
+    app = awx.app()
+    at = awx.password_grant(app, alice, apw).json()
+    mine = awx.get("/api/v2/tokens/", auth=(alice, apw)).json()["results"]
+    assert len(mine) == 3 and {t["user"] for t in mine} == {a[0]["user"]}
+    everyone = {t["id"] for t in awx.get("/api/v2/tokens/?page_size=200&order_by=-id", auth=(admin, dpw)).json()["results"]}
+    assert {t["id"] for t in a + b} <= everyone
+    # users/{id}/tokens/: the URL's user, as far as the caller sees; someone else's: 403
+    r = awx.get("/api/v2/users/%s/tokens/" % alice, auth=(alice, apw)).json()
+    assert r["count"] == 3
+    assert awx.get("/api/v2/users/%s/tokens/" % alice, auth=(admin, dpw)).json()["count"] == 3
+    r = awx.get("/api/v2/users/%s/tokens/" % bob, auth=(alice, apw))
+    assert r.status_code == 403 and r.json() == {"detail": "You do not have permission to perform this action."}
+    assert awx.get("/api/v2/users/nobody-%s/tokens/" % uuid.uuid4().hex[:6], auth=(alice, apw)).status_code == 404
+    # personal_tokens / authorized_tokens: the caller's, whoever the URL names (AWX's get_queryset)
+    r = awx.get("/api/v2/users/%s/personal_tokens/" % bob, auth=(alice, apw)).json()
+    assert sorted(t["id"] for t in r["results"]) == sorted(t["id"] for t in a)
+    r = awx.get("/api/v2/users/%s/authorized_tokens/" % alice, auth=(alice, apw)).json()
+    assert r["count"] == 1 and r["results"][0]["application"] == app["id"]
+    assert r["results"][0]["refresh_token"] == "************"
+    # applications/{id}/tokens/
+    r = awx.get("/api/v2/applications/%d/tokens/" % app["id"], auth=(alice, apw)).json()
+    assert r["count"] == 1 and r["results"][0]["summary_fields"]["application"]["name"] == app["name"]
+    assert awx.get("/api/v2/applications/%d/tokens/" % app["id"], auth=(bob, bpw)).json()["count"] == 0
+    assert awx.get("/api/v2/applications/999999/tokens/", auth=(bob, bpw)).status_code == 404
+    assert at["access_token"]
+
+
+def test_token_list_filters(awx):
+    user, pw = awx.user()
+    app = awx.app()
+    first = make_tokens(awx, user, pw, 2, description="AwxToken ns/alpha")
+    time.sleep(0.05)
+    middle = awx.get("/api/v2/tokens/?id=%d" % first[1]["id"], auth=(user, pw)).json()["results"][0]["created"]
+    time.sleep(0.05)
+    later = make_tokens(awx, user, pw, 1, description="other")
+    apptok = awx.post("/api/v2/tokens/", json={"application": app["id"], "description": "app"}, auth=(user, pw)).json()
+
+    def ids(query):
+        r = awx.get("/api/v2/tokens/?" + query, auth=(user, pw))
+        assert r.status_code == 200, (query, r.text)
+        return [t["id"] for t in r.json()["results"]]
+    f, l = [t["id"] for t in first], [t["id"] for t in later]
+    assert ids("description__icontains=ALPHA") == f
+    assert ids("created__gt=" + middle) == l + [apptok["id"]]
+    assert ids("created__gte=" + middle) == [f[1]] + l + [apptok["id"]]
+    assert ids("created__lt=" + middle) == [f[0]]
+    assert ids("application=%d" % app["id"]) == [apptok["id"]]
+    assert ids("application__isnull=true") == f + l
+    assert ids("application__isnull=false") == [apptok["id"]]
+    assert ids("user=%d" % first[0]["user"]) == f + l + [apptok["id"]]
+    assert ids("id=%d" % l[0]) == l
+    assert ids("id__in=%d,%d" % (f[0], l[0])) == [f[0], l[0]]
+    assert ids("not__description__icontains=alpha&application__isnull=true") == l
+    assert ids("or__id=%d&or__id=%d" % (f[0], f[1])) == f
+    assert ids("order_by=-id") == list(reversed(f + l + [apptok["id"]]))
+    assert ids("order_by=description,id") == f + [apptok["id"]] + l  # "AwxToken..." < "app" < "other" (C collation)
+    assert ids("search=alpha") == f
+    assert ids("description__icontains=alpha&order_by=-created") == list(reversed(f))
+
+    def bad(query, status=400):
+        r = awx.get("/api/v2/tokens/?" + query, auth=(user, pw))
+        assert r.status_code == status, (query, r.status_code, r.text)
+        return r.json()["detail"]
+    assert bad("nosuchfield=1") == "OAuth2AccessToken has no field named 'nosuchfield'"
+    assert "invalid format" in bad("created__gt=yesterday")
+    assert bad("application=abc") == "Invalid application id: abc"
+    assert bad("order_by=nosuch") == "OAuth2AccessToken has no field named 'nosuch'"
+    assert bad("id__in=") == "cannot provide empty value for __in"
+    assert bad("token=abc", 403) == "Filtering on token is not allowed."
+    assert bad("user__password=x", 403) == "Filtering on password is not allowed."
+    assert bad("application__isnull=maybe").startswith("Unable to convert")
+
+
+def test_date_header(awx, gw):
+    for s in (awx, gw):
+        r = s.get(s.api)
+        parsed = email.utils.parsedate_to_datetime(r.headers["Date"])
+        assert abs(parsed.timestamp() - time.time()) < 60 and r.headers["Date"].endswith(" GMT")
+
+
+# ---------------------------------------------------------------- gateway: django-ansible-base's code
+
+def test_gateway_rest_tokens_and_lists(gw):
+    user, pw = gw.user()
+    admin, apw = gw.user(superuser=True)
+    app = gw.app()
+    p = gw.post("/api/gateway/v1/tokens/", json={"description": "AwxToken ns/x"}, auth=(user, pw))
+    assert p.status_code == 201 and p.json()["token"] and p.json()["refresh_token"] is None
+    # stored as $sha256$ of the value
+    assert [a["sha256"] for a in gw.live(user=user)["access_tokens"]] == [sha(p.json()["token"])]
+    listed = gw.get("/api/gateway/v1/tokens/?description__icontains=awxtoken", auth=(user, pw)).json()
+    assert listed["count"] == 1 and listed["results"][0]["token"] == "$encrypted$"
+    for k in ("created_by", "modified_by", "last_used", "description", "scope", "expires"):
+        assert k in listed["results"][0]
+    # app tokens over REST: superusers only (django-ansible-base's permission)
+    r = gw.post("/api/gateway/v1/tokens/", json={"application": app["id"]}, auth=(user, pw))
+    assert r.status_code == 403
+    r = gw.post("/api/gateway/v1/tokens/", json={"application": app["id"]}, auth=(admin, apw))
+    assert r.status_code == 201 and r.json()["refresh_token"]
+    uid = gw.me(p.json()["token"]).json()["results"][0]["id"]
+    assert gw.get("/api/gateway/v1/users/%d/personal_tokens/" % uid, auth=(user, pw)).json()["count"] == 1
+    assert gw.post("/api/gateway/v1/users/%d/personal_tokens/" % uid, json={}, auth=(user, pw)).status_code == 405
+
+
+def test_gateway_refresh_after_delete_is_html_500_and_commits_nothing(gw):
+    user, pw = gw.user()
+    admin, apw = gw.user(superuser=True)
+    app = gw.app()
+    t = gw.password_grant(app, user, pw).json()
+    tid = gw.get("/api/gateway/v1/tokens/", auth=(user, pw)).json()["results"][0]["id"]
+    assert gw.delete("/api/gateway/v1/tokens/%d/" % tid, auth=(user, pw)).status_code == 204
+    before = gw.live(user=user)
+    r = gw.refresh(app, t["refresh_token"])
+    assert r.status_code == 500 and r.headers["Content-Type"].startswith("text/html")
+    assert gw.live(user=user) == before
+    # revoking a plain token: 200, nothing revoked
+    t2 = gw.password_grant(app, user, pw).json()
+    r = gw.post("/o/revoke_token/", data={"token": t2["access_token"]}, auth=(app["client_id"], app["client_secret"]))
+    assert r.status_code == 200 and gw.me(t2["access_token"]).status_code == 200
+
+
+def test_gateway_runtime_lifetimes(gw):
+    user, pw = gw.user()
+    app = gw.app()
+    gw.ctl("PUT", "settings", {"access_token_expire_seconds": 77})
+    r = gw.password_grant(app, user, pw)
+    assert r.status_code == 201 and r.json()["expires_in"] == 77
+    p = gw.post("/api/gateway/v1/tokens/", json={}, auth=(user, pw)).json()
+    left = datetime.datetime.fromisoformat(p["expires"].replace("Z", "+00:00")) - datetime.datetime.now(datetime.timezone.utc)
+    assert 60 < left.total_seconds() <= 77
+    gw.ctl("DELETE", "settings")
+    assert gw.password_grant(app, user, pw).json()["expires_in"] == 31536000
+
+
+# ---------------------------------------------------------------- faults after a commit
+
+def test_faults_after_commit(awx):
+    user, pw = awx.user()
+    app = awx.app()
+    awx.ctl("DELETE", "requests")
+    # delay_after: processed and committed at once, answered later
+    awx.ctl("PUT", "faults", {"mode": "delay_after", "delay_seconds": 1.5, "paths": ["/api/v2/tokens/"], "count": 1})
+    seen = []
+
+    def creator():
+        seen.append(awx.post("/api/v2/tokens/", json={"description": "slow"}, auth=(user, pw), timeout=30))
+    th = threading.Thread(target=creator)
+    t0 = time.time()
+    th.start()
+    deadline = time.time() + 1.2
+    while time.time() < deadline and not awx.live(user=user)["access_tokens"]:
+        time.sleep(0.05)
+    assert len(awx.live(user=user)["access_tokens"]) == 1 and not seen  # committed, not yet answered
+    th.join()
+    assert seen[0].status_code == 201 and time.time() - t0 >= 1.5
+    # reset_after_commit: no answer, but the token exists
+    awx.ctl("PUT", "faults", {"mode": "reset_after_commit", "paths": ["/api/o/token/"], "count": 1})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        awx.password_grant(app, user, pw)
+    assert len(awx.live(user=user)["access_tokens"]) == 2
+    # cut_after_commit: status line, headers and part of the body, then the reset
+    awx.ctl("PUT", "faults", {"mode": "cut_after_commit", "paths": ["/api/o/token/"], "count": 1})
+    with pytest.raises(requests.exceptions.RequestException):
+        awx.password_grant(app, user, pw).json()
+    assert len(awx.live(user=user)["access_tokens"]) == 3
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlsplit(awx.url)
+    awx.ctl("PUT", "faults", {"mode": "cut_after_commit", "paths": ["/api/v2/tokens/"], "count": 1})
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/api/v2/tokens/", body=json.dumps({}), headers={
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + __import__("base64").b64encode(("%s:%s" % (user, pw)).encode()).decode()})
+    resp = conn.getresponse()
+    assert resp.status == 201 and resp.getheader("Content-Type") == "application/json"
+    total = int(resp.getheader("Content-Length"))
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        resp.read()
+    conn.close()
+    assert total > 100 and len(awx.live(user=user)["access_tokens"]) == 4
+    log = [e for e in awx.ctl("GET", "requests")["requests"] if e["fault"]]
+    assert [(e["path"], e["fault"], e["status"]) for e in log] == [
+        ("/api/v2/tokens/", "delay_after", 201), ("/api/o/token/", "reset_after_commit", 200),
+        ("/api/o/token/", "cut_after_commit", 200), ("/api/v2/tokens/", "cut_after_commit", 201)]
+    # the faults before processing still commit nothing
+    awx.ctl("PUT", "faults", {"mode": "reset", "paths": ["/api/o/token/"], "count": 1})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        awx.password_grant(app, user, pw)
+    awx.ctl("PUT", "faults", {"mode": "status500", "paths": ["/api/o/token/"], "count": 1})
+    assert awx.password_grant(app, user, pw).status_code == 500
+    assert len(awx.live(user=user)["access_tokens"]) == 4
+
+
+def test_faults_after_commit_gateway(gw):
+    user, pw = gw.user()
+    app = gw.app()
+    gw.ctl("PUT", "faults", {"mode": "reset_after_commit", "paths": ["/o/token/"], "count": 1})
+    with pytest.raises(requests.exceptions.ConnectionError):
+        gw.password_grant(app, user, pw)
+    assert len(gw.live(user=user)["access_tokens"]) == 1
+    log = gw.ctl("GET", "requests")["requests"]
+    assert (log[-1]["fault"], log[-1]["status"], log[-1]["user"]) == ("reset_after_commit", 201, user)
+
+
+def test_password_cost_setting_and_rehash_on_login(awx):
+    awx.ctl("PUT", "settings", {"password_hash_iterations": 1000})
+    user, pw = awx.user()
+
+    def stored():
+        return [u for u in awx.ctl("GET", "users")["users"] if u["username"] == user][0]["password_hash"]
+    assert stored().startswith("pbkdf2_sha256$1000$")
+    app = awx.app()
+    assert awx.password_grant(app, user, pw).status_code == 200
+    assert stored().startswith("pbkdf2_sha256$1000$")
+    # back at Django's default, a login re-hashes at that cost (Django's must_update)
+    awx.ctl("DELETE", "settings")
+    assert awx.password_grant(app, user, pw).status_code == 200
+    assert stored().startswith("pbkdf2_sha256$600000$")
+    r = requests.put(awx.url + "/_standin/settings", json={"password_hash_iterations": 0}, timeout=10)
+    assert r.status_code == 400
+
+
+def test_start_sets_the_default_password_cost(tmp_path):
+    run = tmp_path / "run"
+    s = Server(start(run, "awx", "--password-hash-iterations", "2000"), "awx", run)
+    try:
+        assert s.ctl("GET", "settings")["password_hash_iterations"] == 2000
+        user, _ = s.user()
+        assert [u for u in s.ctl("GET", "users")["users"] if u["username"] == user][0]["password_hash"].startswith(
+            "pbkdf2_sha256$2000$")
+        s.ctl("PUT", "settings", {"password_hash_iterations": 3000})
+        assert s.ctl("DELETE", "settings")["password_hash_iterations"] == 2000  # back to the start's default
+    finally:
+        stop(run)
+    bad = subprocess.run([SH, "start", str(run), "--password-hash-iterations", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "positive integer" in bad.stderr

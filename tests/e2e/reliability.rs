@@ -22,6 +22,11 @@ use crate::{
 /// window (between AWX's answer and the state write): their leaks are counted and reported.
 pub async fn crash_torture_kills_never_break_or_leak_tokens(env: Arc<Env>) -> TestResult {
     let awx = env.private_standin("torture", "awx")?;
+    // 16 personal tokens rotating every 3 s need ~11 password checks a second (Basic auth to
+    // create and to delete), more than AWX's default hashing cost (~0.3 s of CPU each) allows
+    // on 2 cores: this scenario is about crashes, not AWX's capacity, so its users get cheap
+    // hashes (set before setup creates the first user).
+    awx.set_password_cost(1000).await?;
     let mut s = setup_with(&env, "e2e-torture", awx, &[]).await?;
     let kills: usize = std::env::var("AWXTO_TORTURE_KILLS")
         .ok()

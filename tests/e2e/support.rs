@@ -421,11 +421,35 @@ fn sh_output(cmd: &str) -> Result<String, String> {
     }
 }
 
+/// An error with its sources ("error sending request" alone does not say what failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
+}
+
+/// PBKDF2 cost of the stand-ins' password hashes: `AWXTO_E2E_PASSWORD_ITERATIONS`, else 1000.
+/// AWX's (Django's) 600000 costs ~0.3 s of CPU per password check: the suite's concurrent
+/// scenarios then need more than 2 cores and their timings (grace periods, rotations every few
+/// seconds) slip. The stand-in's self-tests and `AWXTO_E2E_PASSWORD_ITERATIONS=600000` run at
+/// AWX's cost.
+fn password_hash_iterations() -> String {
+    std::env::var("AWXTO_E2E_PASSWORD_ITERATIONS")
+        .ok()
+        .filter(|v| v.parse::<u32>().is_ok_and(|n| n > 0))
+        .unwrap_or_else(|| "1000".to_string())
 }
 
 /// One AWX stand-in process (tests/awx-standin).
@@ -462,7 +486,7 @@ impl Standin {
             // The tests' own client (control API, whoami) trusts the stand-in's test certificate.
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
-                // The stand-in closes idle connections after 5 s; never reuse one near that.
+                // The stand-in closes idle connections after 65 s (as AWX's nginx); keep far below.
                 .pool_idle_timeout(Duration::from_secs(1))
                 .danger_accept_invalid_certs(true)
                 .build()
@@ -490,6 +514,7 @@ impl Standin {
             .arg("start")
             .arg(dir)
             .args(["--mode", mode, "--port", &port.to_string()])
+            .args(["--password-hash-iterations", &password_hash_iterations()])
             .args(tls_args)
             .stderr(Stdio::inherit())
             .output()
@@ -534,7 +559,7 @@ impl Standin {
         let resp = req
             .send()
             .await
-            .map_err(|e| format!("stand-in {path}: {e}"))?;
+            .map_err(|e| format!("stand-in {path}: {}", error_chain(&e)))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
@@ -632,6 +657,18 @@ impl Standin {
             reqwest::Method::PUT,
             "/_standin/settings",
             Some(Value::Object(body)),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Cost (PBKDF2 iterations) of the password hashes made from now on; by default Django's
+    /// 600000, which makes each password check cost AWX about 0.3 s of CPU.
+    pub async fn set_password_cost(&self, iterations: u64) -> TestResult {
+        self.call(
+            reqwest::Method::PUT,
+            "/_standin/settings",
+            Some(json!({"password_hash_iterations": iterations})),
         )
         .await
         .map(drop)

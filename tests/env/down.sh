@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop everything recorded under RUN_DIR: services with a RUN_DIR/*/pid file, then the cluster.
+# Stop everything recorded under RUN_DIR: services with a RUN_DIR/*/pid file, the AWX stand-ins'
+# PostgreSQL servers (RUN_DIR/*/pg), then the cluster.
 # Idempotent; keeps RUN_DIR (logs) in place.
 #   usage: down.sh RUN_DIR
 set -euo pipefail
@@ -14,5 +15,11 @@ for f in "$RUN_DIR"/*/pid; do
   [ -f "$f" ] || continue
   log "stopping ${f%/pid} (pid $(cat "$f"))"
   stop_pidfile "$f"
+done
+# AWX stand-ins (RUN_DIR/*/pg): their PostgreSQL servers too.
+for d in "$RUN_DIR"/*/pg/data; do
+  [ -f "$d/postmaster.pid" ] || continue
+  log "stopping the stand-in database in ${d%/pg/data}"
+  "$HERE/../awx-standin/standin.sh" stop "${d%/pg/data}" || true
 done
 "$HERE/cluster.sh" stop "$RUN_DIR"

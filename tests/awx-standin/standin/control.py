@@ -1,5 +1,6 @@
 """The test-control API under /_standin/, fault injection and the request log."""
 import base64
+import hashlib
 import json
 import os
 import socket
@@ -9,20 +10,22 @@ import time
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.http import HttpResponse
+from django.db import connection
+from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from oauth2_provider.models import AccessToken, Application, RefreshToken
+from oauth2_provider.models import get_access_token_model, get_application_model, get_refresh_token_model
 
-from .models import Profile, sha256_of_stored
+from .models import sha256_of_stored
 from .runtime import DEFAULTS, rt_settings, set_settings
 
+if settings.MODE == "gateway":
+    from gateway import glue as flavour  # django-ansible-base's models
+else:
+    from . import glue as flavour  # DOT's stock models and the stand-in's side tables
+
 User = get_user_model()
-SAFE = ("GET", "HEAD", "OPTIONS")
-# One process (gunicorn, one worker, many threads): every write request runs under this lock, so
-# sqlite never sees two writers and two uses of one refresh token are strictly ordered (the second
-# gets invalid_grant, as on AWX with PostgreSQL row locks).
-WRITE_LOCK = threading.RLock()
+AccessToken, Application, RefreshToken = get_access_token_model(), get_application_model(), get_refresh_token_model()
 
 
 def jout(data, status=200):
@@ -59,7 +62,8 @@ class RequestLog:
 
     def start(self, request, grant_type, user):
         with self.lock:
-            e = {"seq": self.next_seq, "time": time.time(), "method": request.method, "path": request.path,
+            e = {"seq": self.next_seq, "time": request.META.get("standin.arrived") or time.time(),
+                 "method": request.method, "path": request.path,
                  "status": None, "grant_type": grant_type, "user": user, "error": None, "fault": None}
             self.next_seq += 1
             self.entries.append(e)
@@ -86,7 +90,11 @@ LOG = RequestLog(os.path.join(settings.RUN_DIR, "requests.jsonl"))
 
 # ---------------------------------------------------------------- faults
 
-FAULT_MODES = ("none", "status500", "html", "delay", "truncated", "reset", "hang")
+# Before the request is processed (nothing is committed) ...
+FAULT_MODES_BEFORE = ("status500", "html", "delay", "truncated", "reset", "hang")
+# ... and after it was processed and its transaction committed.
+FAULT_MODES_AFTER = ("delay_after", "cut_after_commit", "reset_after_commit")
+FAULT_MODES = ("none",) + FAULT_MODES_BEFORE + FAULT_MODES_AFTER
 STATUS500_PAGE = ('<!doctype html>\n<html lang="en">\n<head>\n  <title>Server Error (500)</title>\n</head>\n'
                   '<body>\n  <h1>Server Error (500)</h1><p></p>\n</body>\n</html>\n')
 LOGIN_PAGE = ('<!DOCTYPE html>\n<html><head><title>Log in | Single Sign-On</title></head>\n<body>\n'
@@ -187,37 +195,97 @@ def request_user_and_grant(request):
     return grant, user
 
 
+def after_commit_fault(request, response, f):
+    """The processed (committed) answer, delayed, cut or never sent."""
+    mode = f["mode"]
+    if mode == "delay_after":
+        time.sleep(max(0.0, float(f["delay_seconds"])))
+        return response
+    if mode == "reset_after_commit":
+        abort_connection(request)
+        r = HttpResponse(b"", status=499)
+        r._standin_aborted = True
+        return r
+    # cut_after_commit: the status line, the headers (with the full Content-Length) and half of
+    # the body go out; then the connection is reset.
+    content = b"" if response.streaming else response.content
+    cut = StreamingHttpResponse(_cut_body(request, content), status=response.status_code)
+    for k, v in response.items():
+        cut[k] = v
+    cut["Content-Length"] = str(len(content))
+    cut._standin_aborted = True
+    return cut
+
+
+def _cut_body(request, content):
+    if content[: len(content) // 2]:
+        yield content[: len(content) // 2]
+    time.sleep(0.05)  # let the part reach the client before the reset
+    abort_connection(request)
+
+
+def refresh_lock_key(request):
+    """A refresh grant's refresh token as a PostgreSQL advisory-lock key, when uses of one refresh
+    token are serialised (setting serialize_refresh_token_use), else None."""
+    if request.method != "POST" or not request.path.endswith("o/token/"):
+        return None
+    try:
+        if request.POST.get("grant_type") != "refresh_token" or not request.POST.get("refresh_token"):
+            return None
+    except Exception:
+        return None
+    if not rt_settings()["serialize_refresh_token_use"]:
+        return None
+    digest = hashlib.sha256(request.POST["refresh_token"].encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 class StandinMiddleware:
+    """Outermost: sees each request before and after its view's transaction (ATOMIC_REQUESTS)."""
+
     def __init__(self, get_response):
         self.get_response = get_response
 
-    def handle(self, request):
-        if request.method in SAFE:
+    def process(self, request):
+        key = refresh_lock_key(request)
+        if key is None:
             return self.get_response(request)
-        with WRITE_LOCK:
+        # Session-level lock on the thread's connection, held until the view's transaction has
+        # committed: a second use of the token then finds it revoked (invalid_grant).
+        with connection.cursor() as c:
+            c.execute("SELECT pg_advisory_lock(%s)", [key])
+        try:
             return self.get_response(request)
+        finally:
+            with connection.cursor() as c:
+                c.execute("SELECT pg_advisory_unlock(%s)", [key])
 
     def __call__(self, request):
         if request.path.startswith("/_standin/"):
-            return self.handle(request)
+            return self.get_response(request)
         grant, user = request_user_and_grant(request)
         entry = LOG.start(request, grant, user)
         fault = FAULTS.take(request.path)
         response = None
         if fault is not None:
             entry["fault"] = fault["mode"]
-            response = apply_fault(request, fault)
+            if fault["mode"] in FAULT_MODES_BEFORE:
+                response = apply_fault(request, fault)
         if response is None:
-            response = self.handle(request)
-        if not getattr(response, "_standin_aborted", False):
+            response = self.process(request)
+            # The status AWX answered (whatever reaches the client).
             entry["status"] = response.status_code
-        entry["user"] = getattr(request, "_standin_user", None) or entry["user"]
-        if response.status_code >= 400 and response.get("Content-Type", "").startswith("application/json"):
-            try:
-                err = json.loads(response.content).get("error")
-                entry["error"] = err if isinstance(err, str) else None
-            except (ValueError, AttributeError):
-                pass
+            entry["user"] = getattr(request, "_standin_user", None) or flavour.request_username(request) or entry["user"]
+            if response.status_code >= 400 and response.get("Content-Type", "").startswith("application/json"):
+                try:
+                    err = json.loads(response.content).get("error")
+                    entry["error"] = err if isinstance(err, str) else None
+                except (ValueError, AttributeError):
+                    pass
+            if fault is not None and fault["mode"] in FAULT_MODES_AFTER:
+                response = after_commit_fault(request, response, fault)
+        elif not getattr(response, "_standin_aborted", False):
+            entry["status"] = response.status_code
         LOG.finish(entry)
         return response
 
@@ -255,17 +323,15 @@ def users(request):
     u.is_superuser = u.is_staff = bool(data.get("superuser", False))
     u.is_active = bool(data.get("active", True))
     u.save()
-    Profile.objects.update_or_create(user=u, defaults={"external": provider})
+    flavour.set_external(u, provider)
     return jout(user_out(u), 201 if created else 200)
 
 
 def user_out(u):
-    try:
-        ext = u.standin_profile.external
-    except Profile.DoesNotExist:
-        ext = ""
-    return {"id": u.id, "username": u.username, "external": ext or False, "superuser": u.is_superuser,
-            "active": u.is_active}
+    return {"id": u.id, "username": u.username, "external": flavour.external_of(u) or False,
+            "superuser": u.is_superuser, "active": u.is_active,
+            # algorithm$iterations$salt$hash (no secret: a 600000-round PBKDF2 of a random test password)
+            "password_hash": u.password}
 
 
 GRANTS = {"password": Application.GRANT_PASSWORD, "authorization-code": Application.GRANT_AUTHORIZATION_CODE,
@@ -275,7 +341,7 @@ GRANTS = {"password": Application.GRANT_PASSWORD, "authorization-code": Applicat
 @csrf_exempt
 def applications(request):
     if request.method == "GET":
-        return jout({"applications": [app_out(a) for a in Application.objects.order_by("id")]})
+        return jout({"applications": [app_out(a, flavour.known_secret(a)) for a in Application.objects.order_by("id")]})
     if request.method != "POST":
         return bad("method not allowed", 405)
     data = body(request)
@@ -301,17 +367,17 @@ def applications(request):
     if created:
         app = Application(name=data["name"], redirect_uris="", skip_authorization=False)
     app.client_type, app.authorization_grant_type, app.user = ctype, GRANTS[grant], owner
-    for k in ("client_id", "client_secret"):
-        if data.get(k):
-            setattr(app, k, data[k])
-    app.save()
-    return jout(app_out(app, creating=True), 201 if created else 200)
+    if data.get("client_id"):
+        app.client_id = data["client_id"]
+    secret = flavour.save_application(app, data.get("client_secret") or None, created)
+    return jout(app_out(app, secret), 201 if created else 200)
 
 
-def app_out(a, creating=False):
+def app_out(a, secret=None):
+    """secret: the plain client secret, where it is known (the gateway keeps only a hash)."""
     public = a.client_type == "public"
     return {"id": a.id, "name": a.name, "client_id": a.client_id,
-            "client_secret": None if public else a.client_secret,
+            "client_secret": None if public else secret,
             "client_type": a.client_type, "grant_type": a.authorization_grant_type,
             "user": a.user.username if a.user_id else None}
 
@@ -328,10 +394,7 @@ def tokens(request):
     now = timezone.now()
     out_a = []
     for t in ats.order_by("id"):
-        try:
-            desc = t.standin_info.description
-        except Exception:
-            desc = ""
+        desc = flavour.description_of(t)
         out_a.append({"id": t.id, "user": t.user.username if t.user_id else None,
                       "application": t.application.name if t.application_id else None,
                       "description": desc, "scope": t.scope, "created": ts(t.created), "expires": ts(t.expires),
@@ -355,7 +418,9 @@ def settings_view(request):
                 return bad("unknown setting %s" % k)
             if k.endswith("_seconds") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 return bad("%s must be an integer >= 0" % k)
-            if k.startswith("allow_") and not isinstance(v, bool):
+            if k.endswith("_iterations") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                return bad("%s must be an integer >= 1" % k)
+            if (k.startswith("allow_") or k.startswith("serialize_")) and not isinstance(v, bool):
                 return bad("%s must be a boolean" % k)
         set_settings(data)
     elif request.method == "DELETE":

@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.urls import path
 
 from . import control as c
@@ -15,24 +14,15 @@ urlpatterns = [
     path("api/", v.api_root),
 ]
 
-if settings.MODE == "gateway":
-    P = "api/gateway/v1/"
-    urlpatterns += [
-        path("o/token/", v.oauth_token),
-        path("o/revoke_token/", v.oauth_revoke),
-        path("o/authorize/", v.oauth_authorize),
-        path("api/gateway/", v.gateway_root),
-    ]
-else:
-    P = "api/v2/"
-    urlpatterns += [
-        path("api/o/", v.oauth_root),
-        path("api/o/token/", v.oauth_token),
-        path("api/o/revoke_token/", v.oauth_revoke),
-        path("api/o/authorize/", v.oauth_authorize),
-        path(P + "config/", v.config),
-        path(P + "applications/<int:pk>/tokens/", v.application_tokens),
-    ]
+P = "api/v2/"
+urlpatterns += [
+    path("api/o/", v.oauth_root),
+    path("api/o/token/", v.oauth_token),
+    path("api/o/revoke_token/", v.oauth_revoke),
+    path("api/o/authorize/", v.oauth_authorize),
+    path(P + "config/", v.config),
+    path(P + "applications/<int:pk>/tokens/", v.application_tokens),
+]
 
 urlpatterns += [
     path(P, v.version_root),

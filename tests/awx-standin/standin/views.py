@@ -1,4 +1,4 @@
-"""AWX 24.6.1 (awx, generic) and AAP gateway (gateway) endpoints."""
+"""AWX 24.6.1 endpoints (modes awx and generic; the gateway mode runs django-ansible-base: ../gateway)."""
 import base64
 import binascii
 import json
@@ -8,19 +8,29 @@ from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
 from django.db import transaction
 from django.http import HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.core.paginator import Paginator as DjangoPaginator
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from oauth2_provider.models import AccessToken, Application, RefreshToken
+from oauth2_provider.models import get_access_token_model, get_application_model, get_refresh_token_model
 from oauthlib import oauth2
 from oauthlib.common import generate_token
+from rest_framework.exceptions import APIException
+from rest_framework.filters import SearchFilter
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request as DRFRequest
+from rest_framework.utils.urls import replace_query_param
 
-from .models import TokenInfo, external_provider, stored
+from ansible_base.rest_filters.rest_framework.field_lookup_backend import FieldLookupBackend
+from ansible_base.rest_filters.rest_framework.order_backend import OrderByBackend
+from ansible_base.rest_filters.rest_framework.type_filter_backend import TypeFilterBackend
+
+from .models import external_provider
 from .runtime import core, rt_settings
 
 User = get_user_model()
-GATEWAY = settings.MODE == "gateway"
-API = "/api/gateway/v1/" if GATEWAY else "/api/v2/"
-MASK = "$encrypted$" if GATEWAY else "************"
+AccessToken, Application, RefreshToken = get_access_token_model(), get_application_model(), get_refresh_token_model()
+API = "/api/v2/"
+MASK = "************"
 SAFE = ("GET", "HEAD", "OPTIONS")
 ALLOWED_SCOPES = ["read", "write"]
 LOGIN_HINT = " To establish a login session, visit /api/login/."
@@ -32,7 +42,8 @@ def ts(dt):
 
 def jresp(data, status=200, headers=None):
     """DRF's JSONRenderer output: compact JSON."""
-    r = HttpResponse(json.dumps(data, separators=(",", ":")), status=status, content_type="application/json")
+    r = HttpResponse(json.dumps(data, separators=(",", ":"), ensure_ascii=False), status=status,
+                     content_type="application/json")
     for k, v in (headers or {}).items():
         r[k] = v
     return r
@@ -50,12 +61,6 @@ class Denied(Exception):
 
 
 def unauthorized(message="Authentication credentials were not provided.", oauth2_error=None):
-    if GATEWAY:
-        # DOT's rest_framework OAuth2Authentication.authenticate_header
-        attrs = {"realm": "api"}
-        attrs.update(oauth2_error or {})
-        header = "Bearer " + ",".join('{}="{}"'.format(k, v) for k, v in attrs.items())
-        return jresp({"detail": message}, 401, {"WWW-Authenticate": header})
     # AWX awx/api/generics.py: fixed header, login hint appended to every 401.
     return jresp({"detail": message + LOGIN_HINT}, 401,
                  {"WWW-Authenticate": "Bearer realm=api authorization_url=/api/o/authorize/"})
@@ -122,37 +127,83 @@ def json_body(request):
         raise Denied(detail("JSON parse error - %s" % e, 400))
 
 
-def paginate(request, items, serialize):
-    try:
-        size = max(1, min(200, int(request.GET.get("page_size", 25))))
-        page = max(1, int(request.GET.get("page", 1)))
-    except ValueError:
-        return detail("Invalid page.", 404)
-    count = len(items)
-    if page > 1 and (page - 1) * size >= count:
-        return detail("Invalid page.", 404)
-    chunk = items[(page - 1) * size: page * size]
+class DisabledPaginator(DjangoPaginator):
+    """?count_disabled: one page, no count (AWX)."""
 
-    def link(p):
-        q = request.GET.copy()
-        q["page"] = p
-        return "%s?%s" % (request.path, q.urlencode())
-    return jresp({"count": count, "next": link(page + 1) if page * size < count else None,
-                  "previous": link(page - 1) if page > 1 else None,
-                  "results": [serialize(x) for x in chunk]})
+    @property
+    def num_pages(self):
+        return 1
+
+    @property
+    def count(self):
+        return 200
+
+
+class Pagination(PageNumberPagination):
+    """AWX 24.6.1's list pagination: ?page_size= (default 25, at most MAX_PAGE_SIZE 200), links
+    built from the request's path and query (not absolute), ?count_disabled."""
+    page_size = 25
+    page_size_query_param = "page_size"
+    max_page_size = settings.MAX_PAGE_SIZE
+    count_disabled = False
+
+    def get_next_link(self):
+        if not self.page.has_next():
+            return None
+        return replace_query_param(self.cap_page_size(self.request.get_full_path()), self.page_query_param,
+                                   self.page.next_page_number())
+
+    def get_previous_link(self):
+        if not self.page.has_previous():
+            return None
+        return replace_query_param(self.cap_page_size(self.request.get_full_path()), self.page_query_param,
+                                   self.page.previous_page_number())
+
+    def cap_page_size(self, url):
+        # int() of a non-number raises here as in AWX (a 500 for ?page_size=x when there is a next page)
+        if int(self.request.query_params.get(self.page_size_query_param, 0)) > self.max_page_size:
+            url = replace_query_param(url, self.page_size_query_param, self.max_page_size)
+        return url
+
+    def paginate_queryset(self, queryset, request, view=None):
+        self.count_disabled = "count_disabled" in request.query_params
+        self.django_paginator_class = DisabledPaginator if self.count_disabled else DjangoPaginator
+        return super().paginate_queryset(queryset, request, view)
+
+    def answer(self, data):
+        if self.count_disabled:
+            return {"results": data}
+        return self.get_paginated_response(data).data
+
+
+class ListView:
+    """What AWX's list views give the filter backends: its model's search fields, no extra ordering."""
+    search_fields = ("description",)
+    ordering = None
+
+
+# AWX 24.6.1's DEFAULT_FILTER_BACKENDS (django-ansible-base's, set by its dynamic settings).
+FILTER_BACKENDS = (TypeFilterBackend, FieldLookupBackend, SearchFilter, OrderByBackend)
+
+
+def token_list(request, qs):
+    """A filtered, ordered, paginated token list; bad filters get AWX's 400 {"detail": ...}."""
+    drf_request = DRFRequest(request)
+    view = ListView()
+    pager = Pagination()
+    try:
+        for backend in FILTER_BACKENDS:
+            qs = backend().filter_queryset(drf_request, qs, view)
+        page = pager.paginate_queryset(qs.select_related("user", "application"), drf_request, view)
+    except APIException as e:
+        return jresp({"detail": e.detail}, e.status_code)
+    return jresp(pager.answer([token_obj(t) for t in page]))
 
 
 # ---------------------------------------------------------------- serializers
 
 def user_obj(u):
     ext = external_provider(u)
-    if GATEWAY:
-        return {"id": u.id, "url": "%susers/%d/" % (API, u.id), "related": {}, "summary_fields": {},
-                "created": ts(u.date_joined), "created_by": None, "modified": ts(u.date_joined), "modified_by": None,
-                "username": u.username, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
-                "last_login": ts(u.last_login), "password": "$encrypted$", "is_superuser": u.is_superuser,
-                "is_platform_auditor": False, "managed": False, "last_login_results": {},
-                "authenticators": [], "authenticator_uid": ""}
     return {"id": u.id, "type": "user", "url": "%susers/%d/" % (API, u.id),
             "related": {k: "%susers/%d/%s/" % (API, u.id, k) for k in
                         ("teams", "organizations", "admin_of_organizations", "projects", "credentials", "roles",
@@ -166,15 +217,11 @@ def user_obj(u):
 
 
 def token_obj(at, plain=None, plain_refresh=None):
-    """AWX OAuth2TokenSerializer / DAB OAuth2TokenSerializer; values only when just created."""
+    """AWX's OAuth2TokenSerializer; the values only in the answer to the creating POST."""
     try:
         rt = at.refresh_token
     except RefreshToken.DoesNotExist:
         rt = None
-    try:
-        desc = at.standin_info.description
-    except TokenInfo.DoesNotExist:
-        desc = ""
     u = at.user
     related = {"user": "%susers/%d/" % (API, at.user_id)} if at.user_id else {}
     summary = {"user": {"id": u.id, "username": u.username, "first_name": u.first_name,
@@ -182,23 +229,12 @@ def token_obj(at, plain=None, plain_refresh=None):
     if at.application_id:
         related["application"] = "%sapplications/%d/" % (API, at.application_id)
         summary["application"] = {"id": at.application_id, "name": at.application.name}
-    d = {"id": at.id}
-    if not GATEWAY:
-        d["type"] = "o_auth2_access_token"
-        related["activity_stream"] = "%stokens/%d/activity_stream/" % (API, at.id)
-    d.update({"url": "%stokens/%d/" % (API, at.id), "related": related, "summary_fields": summary,
-              "created": ts(at.created)})
-    if GATEWAY:
-        d["created_by"] = at.user_id
-    d["modified"] = ts(at.updated)
-    if GATEWAY:
-        d["modified_by"] = at.user_id
-    d.update({"description": desc, "user": at.user_id, "token": plain or MASK,
-              "refresh_token": None if rt is None else (plain_refresh or MASK),
-              "application": at.application_id, "expires": ts(at.expires), "scope": at.scope})
-    if GATEWAY:
-        d["last_used"] = None
-    return d
+    related["activity_stream"] = "%stokens/%d/activity_stream/" % (API, at.id)
+    return {"id": at.id, "type": "o_auth2_access_token", "url": "%stokens/%d/" % (API, at.id),
+            "related": related, "summary_fields": summary, "created": ts(at.created), "modified": ts(at.modified),
+            "description": at.description, "user": at.user_id, "token": plain or MASK,
+            "refresh_token": None if rt is None else (plain_refresh or MASK),
+            "application": at.application_id, "expires": ts(at.expires), "scope": at.scope}
 
 
 # ---------------------------------------------------------------- /api/o/ (DOT views as AWX mounts them)
@@ -214,19 +250,14 @@ def oauth_token(request):
     # AWX awx/api/views/oauth2_root.py: DOT never expires refresh tokens (DOT issue #746),
     # so AWX checks the age (from created) itself, before DOT sees the request.
     if post.get("grant_type") == "refresh_token" and post.get("refresh_token"):
-        rt = RefreshToken.objects.filter(token=stored(post["refresh_token"])).first()
+        rt = RefreshToken.objects.filter(token=post["refresh_token"]).first()
         if rt and rt.created + timedelta(seconds=int(rt_settings()["refresh_token_expire_seconds"])) < timezone.now():
             return HttpResponse("The refresh token has expired.", status=403)
     try:
         url, headers, body, status = core().create_token_response(request)
     except oauth2.AccessDeniedError as e:
         return HttpResponse(str(e), status=403)
-    except oauth2.OAuth2Error as e:
-        if not GATEWAY:
-            raise  # AWX only catches AccessDeniedError: e.g. a query string gives HTTP 500
-        return HttpResponse(str(e), status=e.status_code)
-    if GATEWAY and status == 200:
-        status = 201  # django-ansible-base views/token.py
+    # AWX only catches AccessDeniedError: any other OAuth2Error (e.g. for a query string) is a 500.
     r = HttpResponse(content=body, status=status)
     for k, v in headers.items():
         r[k] = v
@@ -258,28 +289,18 @@ def oauth_root(request, user, token):
 
 @api_view(["GET"], anonymous=True)
 def api_root(request, user, token):
-    if GATEWAY:
-        return jresp({"apis": {"gateway": "/api/gateway/"}})
     return jresp({"description": "AWX REST API", "current_version": "/api/v2/", "available_versions": {"v2": "/api/v2/"},
                   "oauth2": "/api/o/", "custom_logo": "", "custom_login_info": "", "login_redirect_override": ""})
 
 
 @api_view(["GET"], anonymous=True)
-def gateway_root(request, user, token):
-    return jresp({"v1": "/api/gateway/v1/"})
-
-
-@api_view(["GET"], anonymous=True)
 def version_root(request, user, token):
-    names = ["ping", "me", "users", "tokens", "applications"] + ([] if GATEWAY else ["config"])
+    names = ["ping", "me", "users", "tokens", "applications", "config"]
     return jresp({n: "%s%s/" % (API, n) for n in names})
 
 
 @api_view(["GET"], anonymous=True)
 def ping(request, user, token):
-    if GATEWAY:
-        return jresp({"version": "2.5", "pong": ts(timezone.now()), "status": "good", "db_connected": True,
-                      "proxy_connected": True})
     return jresp({"ha": False, "version": "24.6.1", "active_node": "awx-standin", "install_uuid": "00000000-0000-0000-0000-000000000000",
                   "instances": [], "instance_groups": []})
 
@@ -311,11 +332,15 @@ def user_detail(request, user, token, ukey):
     return jresp(user_obj(find_user(ukey)))
 
 
-def visible_tokens(user, qs=None):
-    qs = AccessToken.objects.all() if qs is None else qs
-    if not user.is_superuser:
-        qs = qs.filter(user=user)
-    return list(qs.select_related("user", "application").order_by("id"))
+def visible_tokens(user):
+    """AWX OAuth2TokenAccess: a superuser sees every token, a user their own (and, as admin or
+    auditor of an application's organization, its tokens: the stand-in has no organizations)."""
+    return AccessToken.objects.all() if user.is_superuser else AccessToken.objects.filter(user=user)
+
+
+def can_read_user(user, other):
+    """AWX UserAccess: oneself, the superusers (and members of one's organizations: none here)."""
+    return user.is_superuser or other.id == user.id or other.is_superuser
 
 
 def create_token(request, user, application="body", app_required=False):
@@ -344,18 +369,15 @@ def create_token(request, user, application="body", app_required=False):
         errors["application"] = ["This field is required."]
     if errors:
         return jresp(errors, 400)
-    if GATEWAY and app is not None and not user.is_superuser:
-        return detail("You do not have permission to perform this action.", 403)
     expires = timezone.now() + timedelta(seconds=int(rt_settings()["access_token_expire_seconds"]))
     plain, plain_refresh = generate_token(), None
     try:
         with transaction.atomic():
-            at = AccessToken.objects.create(user=user, token=stored(plain), application=app, expires=expires,
-                                            scope=" ".join(words))
-            TokenInfo.objects.create(access_token=at, description=description)
+            at = AccessToken.objects.create(user=user, token=plain, application=app, expires=expires,
+                                            scope=" ".join(words), description=description)
             if app is not None:
                 plain_refresh = generate_token()
-                RefreshToken.objects.create(user=user, token=stored(plain_refresh), application=app, access_token=at)
+                RefreshToken.objects.create(user=user, token=plain_refresh, application=app, access_token=at)
     except oauth2.AccessDeniedError as e:
         return detail(str(e), 403)
     at = AccessToken.objects.select_related("user", "application").get(id=at.id)
@@ -366,7 +388,7 @@ def create_token(request, user, application="body", app_required=False):
 def tokens(request, user, token):
     if request.method == "POST":
         return create_token(request, user)
-    return paginate(request, visible_tokens(user), token_obj)
+    return token_list(request, visible_tokens(user))
 
 
 @api_view(["GET", "PUT", "PATCH", "DELETE"])
@@ -388,29 +410,33 @@ def token_detail(request, user, token, pk):
             at.scope = " ".join(words)
             at.save()
         if "description" in data:
-            TokenInfo.objects.update_or_create(access_token=at, defaults={"description": str(data["description"])})
+            at.description = str(data["description"])
+            at.save()
         at = AccessToken.objects.select_related("user", "application").get(id=pk)
     return jresp(token_obj(at))
 
 
 def user_sublist(kind):
-    methods = ["GET"] if GATEWAY else ["GET", "POST"]  # DAB's user sub-lists are GET-only
-
-    @api_view(methods)
+    @api_view(["GET", "POST"])
     def view(request, user, token, ukey):
-        owner = find_user(ukey)
         if request.method == "POST":
+            find_user(ukey)
             # AWX creates the token for the caller, whoever the URL names.
             if kind == "personal_tokens":
                 return create_token(request, user, application=None)
             return create_token(request, user, app_required=(kind == "authorized_tokens"))
-        qs = AccessToken.objects.filter(user=owner)
-        if kind == "personal_tokens":
-            qs = qs.filter(application__isnull=True)
-        elif kind == "authorized_tokens":
-            qs = qs.filter(application__isnull=False)
-        items = visible_tokens(user, qs) if (user.is_superuser or user.id == owner.id) else []
-        return paginate(request, items, token_obj)
+        if kind == "tokens":
+            # OAuth2UserTokenList: the URL's user (404, 403 unless readable), tokens the caller sees.
+            owner = find_user(ukey)
+            if not can_read_user(user, owner):
+                return detail("You do not have permission to perform this action.", 403)
+            return token_list(request, visible_tokens(user).filter(user=owner))
+        # UserPersonalTokenList / UserAuthorizedTokenList list the *caller's* tokens, whoever
+        # the URL names (their get_queryset never looks at it); a username must still resolve.
+        if not ukey.isdigit():
+            find_user(ukey)
+        qs = AccessToken.objects.filter(user=user, application__isnull=(kind == "personal_tokens"))
+        return token_list(request, qs)
     return view
 
 
@@ -420,7 +446,7 @@ def application_tokens(request, user, token, pk):
         return detail("Not found.", 404)
     if request.method == "POST":
         return create_token(request, user, application=pk)
-    return paginate(request, visible_tokens(user, AccessToken.objects.filter(application_id=pk)), token_obj)
+    return token_list(request, visible_tokens(user).filter(application_id=pk))
 
 
 # ---------------------------------------------------------------- error pages
