@@ -42,7 +42,8 @@ pub struct AwxTokenSpec {
     /// When the token is renewed and how old tokens are retired.
     #[serde(default)]
     pub renewal: Renewal,
-    /// Revoke the current token in AWX when this AwxToken is deleted.
+    /// Revoke the current token (and any replaced one still waiting) in AWX when this AwxToken
+    /// is deleted, suspended or not.
     #[serde(default = "default_true")]
     pub revoke_on_delete: bool,
     /// Workloads in this namespace restarted (pod-template annotation) whenever the token in
@@ -50,8 +51,10 @@ pub struct AwxTokenSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub rollout_restart_targets: Vec<RolloutRestartTarget>,
-    /// Stop all AWX traffic for this token: no issue, renewal, verification or revocation.
-    /// The Secret keeps its current token.
+    /// Stop all AWX traffic for this token while it exists: no issue, renewal, verification,
+    /// revocation of replaced tokens or search after an interrupted request. The Secret keeps
+    /// its current token. Deleting a suspended AwxToken still revokes its tokens (unless
+    /// revokeOnDelete is false or the awx-token-operator.io/skip-revoke annotation is "true").
     #[serde(default)]
     pub suspend: bool,
 }
@@ -286,6 +289,13 @@ pub struct Renewal {
     #[serde(default = "default_verify_every")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub verify_every: String,
+    /// How long AWX keeps a refresh token usable after issuing it: AWX's
+    /// REFRESH_TOKEN_EXPIRE_SECONDS, 2628000 s (730h) by default. AWX never reports it, so set
+    /// it when your AWX is configured otherwise. With strategy Refresh the token is renewed
+    /// before this runs out; a refresh AWX refuses as expired falls back to the grant.
+    #[serde(default = "default_refresh_token_lifetime")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub refresh_token_lifetime: String,
 }
 
 impl Default for Renewal {
@@ -297,6 +307,7 @@ impl Default for Renewal {
             strategy: RenewalStrategy::default(),
             revoke_grace_period: default_revoke_grace_period(),
             verify_every: default_verify_every(),
+            refresh_token_lifetime: default_refresh_token_lifetime(),
         }
     }
 }
@@ -337,7 +348,10 @@ pub enum WorkloadKind {
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AwxTokenStatus {
-    /// Ready: the Secret holds a working token. Issuing: a request to AWX is in flight.
+    /// Ready: the Secret holds a token AWX accepts and that is not past its expiry (it stays
+    /// True while a renewal fails, as long as that holds). RenewalFailed: renewing the token
+    /// fails or cannot be tried (the reason says why); the token in the Secret still works.
+    /// InsecureTls: AWX's certificate is not verified.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The spec generation this status describes.
@@ -367,10 +381,13 @@ pub struct AwxTokenStatus {
     /// When the operator will renew the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_time: Option<Time>,
-    /// When the refresh token dies (AWX counts REFRESH_TOKEN_EXPIRE_SECONDS from its issue;
-    /// this assumes AWX's default of 2628000 s). Only with strategy Refresh.
+    /// When the refresh token dies: its issue plus spec.renewal.refreshTokenLifetime (AWX counts
+    /// REFRESH_TOKEN_EXPIRE_SECONDS from the issue). Only with strategy Refresh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token_expires_at: Option<Time>,
+    /// When AWX last confirmed the token in the Secret (spec.renewal.verifyEvery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
     /// Replaced tokens waiting for their grace period to end before revocation.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pending_revocations: u32,
@@ -429,6 +446,9 @@ fn default_revoke_grace_period() -> String {
 }
 fn default_verify_every() -> String {
     "0s".into()
+}
+fn default_refresh_token_lifetime() -> String {
+    "730h".into()
 }
 
 impl AwxToken {

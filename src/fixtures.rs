@@ -217,6 +217,11 @@ pub fn target_path() -> String {
     secret_path(TARGET)
 }
 
+/// Where Secrets are created.
+pub fn secrets_path() -> String {
+    format!("/api/v1/namespaces/{NAMESPACE}/secrets")
+}
+
 // ------------------------------------------------------------------ script
 
 /// One scripted Kubernetes call and its answer.
@@ -250,7 +255,15 @@ pub fn post(path: impl Into<String>, reply: Reply) -> Expected {
     }
 }
 
-type Answer = (u16, Value);
+pub fn put(path: impl Into<String>, reply: Reply) -> Expected {
+    Expected {
+        method: Method::PUT,
+        path: path.into(),
+        reply,
+    }
+}
+
+pub type Answer = (u16, Value);
 
 /// The API server's answer to a scripted call, built from the request.
 pub struct Reply(Box<dyn FnOnce(&KubeCall) -> Answer + Send>);
@@ -276,6 +289,26 @@ impl Reply {
     pub fn stored(created: bool) -> Self {
         Self(Box::new(move |call| {
             (if created { 201 } else { 200 }, stored(&call.body))
+        }))
+    }
+
+    /// Whatever `answer` makes of the call.
+    pub fn from_fn(answer: impl FnOnce(&KubeCall) -> Answer + Send + 'static) -> Self {
+        Self(Box::new(answer))
+    }
+
+    /// 409 Conflict, as the API server answers a write whose resourceVersion is stale.
+    pub fn conflict() -> Self {
+        Self(Box::new(|call| {
+            let name = call.path.rsplit('/').next().unwrap_or_default().to_string();
+            (
+                409,
+                json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("Operation cannot be fulfilled on secrets \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+                    "reason": "Conflict", "details": {"name": name, "kind": "secrets"}, "code": 409,
+                }),
+            )
         }))
     }
 
@@ -423,7 +456,10 @@ impl Run {
     pub fn assert_not_leaked(&self, values: &[&str]) {
         for call in &self.calls {
             let Call::Kube(k) = call else { continue };
-            if k.method == Method::PATCH && (k.path == state_path() || k.path == target_path()) {
+            let secret_write = k.path == state_path()
+                || k.path == target_path()
+                || (k.path == secrets_path() && k.method == Method::POST);
+            if secret_write {
                 continue;
             }
             let text = k.body.to_string();
@@ -553,7 +589,7 @@ fn operator() -> (Arc<Context>, ApiHandle) {
 fn operator_with(settings: Settings) -> (Arc<Context>, ApiHandle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NAMESPACE);
-    let ctx = Context::new(client, settings, Arc::new(Metrics::new()), None);
+    let ctx = Context::new(client, settings, Arc::new(Metrics::new()));
     (Arc::new(ctx), handle)
 }
 

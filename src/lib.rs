@@ -27,8 +27,15 @@ pub enum Error {
     StateConflict(String),
     #[error("state Secret {0:?} is unreadable: {1}")]
     StateCorrupt(String, String),
-    #[error("{0}")]
-    Revoke(String),
+    /// Something changed underneath (a precondition failed): read again and decide anew.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Tokens of a deleted AwxToken could not all be revoked yet.
+    #[error("{message}")]
+    Revoke {
+        message: String,
+        retry_in: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -43,7 +50,28 @@ impl Error {
             },
             Error::StateConflict(_) => "StateConflict",
             Error::StateCorrupt(..) => "StateCorrupt",
-            Error::Revoke(_) => "RevokeFailed",
+            Error::Conflict(_) => "Conflict",
+            Error::Revoke { .. } => "RevokeFailed",
+        }
+    }
+
+    /// The error inside a finalizer's wrapping.
+    pub fn innermost(&self) -> &Error {
+        match self {
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.innermost(),
+                _ => self,
+            },
+            other => other,
+        }
+    }
+
+    /// When to try again, where the error knows.
+    pub fn retry_in(&self) -> Option<std::time::Duration> {
+        match self.innermost() {
+            Error::Revoke { retry_in, .. } => Some(*retry_in),
+            _ => None,
         }
     }
 }

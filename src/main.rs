@@ -84,7 +84,7 @@ struct RunArgs {
     /// AwxTokens reconciled at the same time.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
-    /// Requests per second to one AWX host (0: unlimited): no bursts, and requests spaced 10%
+    /// Requests per second to one AWX host (0: unlimited): no bursts, and requests spaced 20%
     /// wider than 1/N so AWX never sees more than N in any second despite jitter.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_AWX_MAX_RPS", default_value_t = 20)]
     awx_max_rps: u32,
@@ -109,8 +109,10 @@ struct RunArgs {
     /// Longest retry delay after failures.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
     backoff_max: Duration,
-    /// How long in-flight reconciles may finish after SIGTERM before the process exits.
-    #[arg(long, env = "AWX_TOKEN_OPERATOR_SHUTDOWN_GRACE", default_value = "7s", value_parser = parse_duration)]
+    /// How long in-flight reconciles may finish after SIGTERM before the process exits. Longer
+    /// than AWX requests may take (spec.awx.timeoutSeconds, 30 s by default), so a rollout does
+    /// not cut requests in flight; the pod's terminationGracePeriodSeconds must be longer still.
+    #[arg(long, env = "AWX_TOKEN_OPERATOR_SHUTDOWN_GRACE", default_value = "35s", value_parser = parse_duration)]
     shutdown_grace: Duration,
 }
 
@@ -177,13 +179,9 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         awx_max_rps: NonZeroU32::new(args.awx_max_rps),
         awx_max_in_flight: (args.awx_max_in_flight > 0).then_some(args.awx_max_in_flight),
         concurrency: args.concurrency.max(1),
+        identity: controller::process_identity(&identity),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        metrics.clone(),
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
     info!(namespace = ?args.namespace, leader_elect = args.leader_elect, %identity, "starting");
 
     if !args.leader_elect {

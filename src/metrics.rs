@@ -85,6 +85,8 @@ pub struct Metrics {
     pub tokens_renewed: Family<TokenLabels, Counter>,
     pub tokens_revoked: Family<FlavorLabels, Counter>,
     pub interrupted_issues: Family<OutcomeLabels, Counter>,
+    pub renewal_failures: Family<ReasonLabels, Counter>,
+    pub verifications: Family<OutcomeLabels, Counter>,
     pub awx_requests: Family<AwxRequestLabels, Counter>,
     pub awx_request_duration: Family<EndpointLabels, Histogram, LatencyHistogram>,
     pub objects_in_backoff: Gauge,
@@ -148,6 +150,19 @@ impl Metrics {
              and deleted, or none was created) or unrecoverable (an OAuth2 token may be left in AWX)",
             interrupted_issues.clone(),
         );
+        let renewal_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "renewal_failures",
+            "Failed attempts to obtain a token (first issue, renewal, refresh) by reason",
+            renewal_failures.clone(),
+        );
+        let verifications = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Checks of the token in the Secret with AWX (verifyEvery) by outcome: valid, \
+             rejected (AWX no longer accepts it), error (no answer)",
+            verifications.clone(),
+        );
         let awx_requests = Family::<AwxRequestLabels, Counter>::default();
         registry.register(
             "awx_requests",
@@ -203,6 +218,8 @@ impl Metrics {
             tokens_renewed,
             tokens_revoked,
             interrupted_issues,
+            renewal_failures,
+            verifications,
             awx_requests,
             awx_request_duration,
             objects_in_backoff,

@@ -7,10 +7,6 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::spec::RenewBefore;
 
-/// AWX's default REFRESH_TOKEN_EXPIRE_SECONDS (about 30.4 days), counted from the refresh
-/// token's issue. AWX never reports it, so the operator assumes the default.
-pub const REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(2_628_000);
-
 /// Longest single requeue: AWX's 1000-year lifetimes must never reach a timer, and a periodic
 /// look keeps the resource honest even if a watch event is lost.
 pub const MAX_REQUEUE: Duration = Duration::from_secs(3600);
@@ -28,6 +24,8 @@ pub struct RenewalSchedule {
     pub renew_before: RenewBefore,
     /// Issue time of the refresh token when the strategy is Refresh.
     pub refresh_issued_at: Option<Timestamp>,
+    /// How long AWX keeps a refresh token usable after its issue.
+    pub refresh_lifetime: Duration,
     /// In [0, 1): how much of the allowed jitter to take, drawn once per token.
     pub jitter: f64,
 }
@@ -55,8 +53,8 @@ impl RenewalSchedule {
             due = due.min(at);
         }
         if let Some(refresh_issued) = self.refresh_issued_at {
-            let margin = (REFRESH_TOKEN_LIFETIME / 10).min(Duration::from_secs(86400));
-            due = due.min(add(refresh_issued, REFRESH_TOKEN_LIFETIME - margin));
+            let margin = (self.refresh_lifetime / 10).min(Duration::from_secs(86400));
+            due = due.min(add(refresh_issued, self.refresh_lifetime - margin));
         }
         let window = span(issued, due);
         // NaN would make mul_f64 panic; it means "no jitter".
@@ -138,9 +136,13 @@ mod tests {
             rotate_every: Duration::from_secs(24 * H),
             renew_before: RenewBefore::Fixed(Duration::from_secs(H)),
             refresh_issued_at: None,
+            refresh_lifetime: AWX_REFRESH_LIFETIME,
             jitter: 0.0,
         }
     }
+
+    /// AWX's default REFRESH_TOKEN_EXPIRE_SECONDS.
+    const AWX_REFRESH_LIFETIME: Duration = Duration::from_secs(2_628_000);
 
     #[test]
     fn renews_at_rotate_every_when_awx_expiry_is_far() {
@@ -309,6 +311,7 @@ mod tests {
                     any::<u8>().prop_map(RenewBefore::Percentage),
                 ],
                 prop::option::of(timestamp()),
+                (1u64..400 * 86_400).prop_map(Duration::from_secs),
                 fraction(),
             )
                 .prop_map(
@@ -318,6 +321,7 @@ mod tests {
                         rotate_every,
                         renew_before,
                         refresh_issued_at,
+                        refresh_lifetime,
                         jitter,
                     )| {
                         RenewalSchedule {
@@ -326,6 +330,7 @@ mod tests {
                             rotate_every,
                             renew_before,
                             refresh_issued_at,
+                            refresh_lifetime,
                             jitter,
                         }
                     },
@@ -344,7 +349,7 @@ mod tests {
                     prop_assert!(at <= expires.max(s.issued_at), "{} after expiry {}", at, expires);
                 }
                 if let Some(refreshed) = s.refresh_issued_at {
-                    prop_assert!(at <= add(refreshed, REFRESH_TOKEN_LIFETIME).max(s.issued_at));
+                    prop_assert!(at <= add(refreshed, s.refresh_lifetime).max(s.issued_at));
                 }
                 // The jitter only moves the time earlier, by at most 5 minutes and 10% of the
                 // time from issue to renewal.

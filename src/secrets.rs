@@ -20,6 +20,9 @@ pub const MANAGED_BY: &str = "awx-token-operator";
 pub const ROLE_LABEL: &str = "awx-token-operator.io/role";
 /// Annotation naming the AwxToken (same namespace) a Secret belongs to.
 pub const OWNER_ANNOTATION: &str = "awx-token-operator.io/awx-token";
+/// Annotation holding that AwxToken's UID: a re-created AwxToken of the same name is another
+/// object, and must not take its predecessor's Secrets for its own.
+pub const OWNER_UID_ANNOTATION: &str = "awx-token-operator.io/awx-token-uid";
 /// Hash of the rendered metadata, so an unchanged Secret is not written again.
 const RENDERED_ANNOTATION: &str = "awx-token-operator.io/rendered";
 
@@ -33,6 +36,9 @@ pub fn managed_selector() -> String {
 pub enum Ownership {
     Absent,
     Ours,
+    /// Written for an earlier AwxToken of the same name (another UID), which is gone: its
+    /// contents are not this object's, but the Secret may be taken over.
+    Predecessor,
     /// Someone else's Secret: never touched. The text says whose.
     Foreign(String),
 }
@@ -43,7 +49,25 @@ pub fn ownership(existing: Option<&Secret>, token: &AwxToken) -> Ownership {
     };
     let managed = secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY);
     match secret.annotations().get(OWNER_ANNOTATION) {
-        Some(owner) if managed && *owner == token.name_any() => Ownership::Ours,
+        Some(owner) if managed && *owner == token.name_any() => {
+            // The UID annotation, else the owner reference (Secrets written before the
+            // annotation existed); a Secret with neither predates both and is taken as ours.
+            let owner_uid = secret
+                .annotations()
+                .get(OWNER_UID_ANNOTATION)
+                .cloned()
+                .or_else(|| {
+                    secret
+                        .owner_references()
+                        .iter()
+                        .find(|o| o.kind == "AwxToken")
+                        .map(|o| o.uid.clone())
+                });
+            match (owner_uid, token.uid()) {
+                (Some(owner), Some(uid)) if owner != uid => Ownership::Predecessor,
+                _ => Ownership::Ours,
+            }
+        }
         Some(owner) if managed => Ownership::Foreign(format!("it belongs to AwxToken {owner:?}")),
         _ => Ownership::Foreign("it was not created by awx-token-operator".into()),
     }
@@ -68,6 +92,7 @@ pub fn render_target(token: &AwxToken, token_value: &str) -> Secret {
     labels.insert(ROLE_LABEL.into(), "token".into());
     let mut annotations = spec.annotations.clone();
     annotations.insert(OWNER_ANNOTATION.into(), token.name_any());
+    annotations.insert(OWNER_UID_ANNOTATION.into(), token.uid().unwrap_or_default());
     let owner = (spec.deletion_policy == DeletionPolicy::Delete)
         .then(|| token.controller_owner_ref(&()))
         .flatten();
@@ -80,7 +105,13 @@ pub fn render_state(token: &AwxToken, state: &TokenState) -> Secret {
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (ROLE_LABEL.to_string(), "state".to_string()),
     ]);
-    let annotations = BTreeMap::from([(OWNER_ANNOTATION.to_string(), token.name_any())]);
+    let annotations = BTreeMap::from([
+        (OWNER_ANNOTATION.to_string(), token.name_any()),
+        (
+            OWNER_UID_ANNOTATION.to_string(),
+            token.uid().unwrap_or_default(),
+        ),
+    ]);
     let data = BTreeMap::from([(STATE_KEY.to_string(), ByteString(state.encode()))]);
     finish(
         state_secret_name(&token.name_any()),

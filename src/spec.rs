@@ -21,6 +21,8 @@ pub struct ValidSpec {
     pub verify_every: Option<Duration>,
     /// Strategy in effect: personal access tokens always re-issue.
     pub strategy: RenewalStrategy,
+    /// How long AWX keeps a refresh token usable (REFRESH_TOKEN_EXPIRE_SECONDS).
+    pub refresh_token_lifetime: Duration,
     pub timeout: Duration,
 }
 
@@ -106,6 +108,15 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         }
         d => Some(d.min(MAX_DURATION)),
     };
+
+    let refresh_token_lifetime = parse_duration(&renewal.refresh_token_lifetime)
+        .map_err(|m| invalid("renewal.refreshTokenLifetime", m))?;
+    if !(MIN_ROTATE_EVERY..=MAX_DURATION).contains(&refresh_token_lifetime) {
+        return Err(invalid(
+            "renewal.refreshTokenLifetime",
+            "must be between 1s and 366d",
+        ));
+    }
 
     let strategy = match spec.grant.type_ {
         GrantType::PersonalAccessToken => RenewalStrategy::Reissue,
@@ -228,6 +239,7 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         revoke_grace_period,
         verify_every,
         strategy,
+        refresh_token_lifetime,
         timeout: Duration::from_secs(u64::from(spec.awx.timeout_seconds.clamp(1, 300))),
     })
 }

@@ -33,7 +33,8 @@ impl fmt::Debug for Sensitive {
     }
 }
 
-/// Everything kept about one AwxToken's tokens.
+/// Everything kept about one AwxToken's tokens, and what must survive a restart about its
+/// failures. Read fresh before every decision, written with a precondition on the version read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenState {
@@ -42,18 +43,48 @@ pub struct TokenState {
     /// Replaced tokens, revoked once their grace period is over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retiring: Vec<RetiringToken>,
-    /// Written before a token is requested and cleared with the write that records it: if
-    /// it is still here, the process stopped in between and AWX may hold a token nobody knows.
+    /// Written before a token is requested and cleared with the write that records the answer:
+    /// found at the start of a reconcile, it means the request's process stopped in between
+    /// (or, with two processes, that another one is asking right now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuing: Option<IssueIntent>,
+    /// Requests whose outcome is unknown (interrupted, or an answer that never arrived whole):
+    /// AWX may hold a token of each that nobody knows. Looked for, then forgotten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interrupted: Vec<IssueIntent>,
     /// The rotate annotation's value last acted on. Kept here, read fresh on every reconcile,
     /// not only in status: a reconcile working from a cached object whose status is not
     /// updated yet must not rotate a second time for the same value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_for: Option<String>,
+    /// The last failed attempt to obtain a token, while no attempt has succeeded since. Kept
+    /// here rather than in status or in the process: a restart, or a reconcile of a stale cached
+    /// object, must not forget the backoff (AWX accounts can lock after wrong passwords).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureRecord>,
 }
 
-/// A token request in flight.
+/// Consecutive failed attempts to obtain a token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRecord {
+    pub attempts: u32,
+    pub at: Timestamp,
+    /// Condition reason (`InvalidCredentials`, `AwxServerError`, ...).
+    pub reason: String,
+    /// What a person reads; never holds a secret value.
+    pub message: String,
+    /// Whether trying again unchanged may succeed; if not, only new inputs are tried.
+    pub retryable: bool,
+    /// Fingerprint of the inputs of the failed attempt: different inputs are tried at once.
+    pub inputs: String,
+    /// The rotate annotation's value when the attempt was made: a new value is tried at once,
+    /// once; later attempts for it follow the backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
+}
+
+/// A token request in flight, or one whose outcome is unknown.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IssueIntent {
@@ -62,6 +93,19 @@ pub struct IssueIntent {
     pub started_at: Timestamp,
     pub personal: bool,
     pub gateway: bool,
+    /// The request was a refresh (it may have rotated the refresh token away).
+    #[serde(default)]
+    pub refresh: bool,
+    /// The operator process that made the request. Another process's marker may belong to a
+    /// request still in flight, so it is waited out (up to the request timeout) before it is
+    /// taken for interrupted.
+    #[serde(default)]
+    pub holder: String,
+    /// Failed attempts to look for its token, and when to look again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub search_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_after: Option<Timestamp>,
 }
 
 /// What identifies an issued token and where and how it is revoked.
@@ -104,6 +148,21 @@ pub struct HeldToken {
     /// Fingerprint of everything the token was issued from (URL, grant, credentials); a
     /// change means the token must be re-issued.
     pub inputs: String,
+    /// When AWX last confirmed the token (verifyEvery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Timestamp>,
+    /// When a verification last failed to get an answer (a 5xx or timeout says nothing
+    /// about the token); the next one waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_failed_at: Option<Timestamp>,
+    /// When AWX rejected the token (deleted or revoked behind the operator's back): it is
+    /// replaced with the grant and never reported Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_at: Option<Timestamp>,
+    /// The refresh chain cannot be trusted (a refresh was refused, failed with a 5xx or was
+    /// interrupted): the next renewal uses the grant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh_broken: bool,
 }
 
 /// A replaced token waiting to be revoked.
@@ -112,10 +171,15 @@ pub struct HeldToken {
 pub struct RetiringToken {
     #[serde(flatten)]
     pub token: TokenRecord,
-    /// Not revoked before this time: pods may still be using it.
+    /// Not revoked before this time: pods may still be using it (or, after a failed attempt,
+    /// the next attempt).
     pub revoke_after: Timestamp,
     #[serde(default)]
     pub failed_attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl HeldToken {
@@ -184,6 +248,15 @@ impl TokenState {
     pub fn next_revocation(&self) -> Option<Timestamp> {
         self.retiring.iter().map(|r| r.revoke_after).min()
     }
+
+    /// Every token value this state holds (current and retiring).
+    pub fn holds(&self, access_token: &str) -> bool {
+        self.current
+            .iter()
+            .map(|c| &c.token)
+            .chain(self.retiring.iter().map(|r| &r.token))
+            .any(|t| t.access_token.expose() == access_token)
+    }
 }
 
 #[cfg(test)]
@@ -209,6 +282,10 @@ mod tests {
             expires_at: None,
             renewal_time: Timestamp::from_second(1_700_086_400).unwrap(),
             inputs: "abc".into(),
+            verified_at: None,
+            verify_failed_at: None,
+            rejected_at: None,
+            refresh_broken: true,
         }
     }
 
@@ -222,8 +299,22 @@ mod tests {
                 started_at: Timestamp::from_second(1_700_000_000).unwrap(),
                 personal: true,
                 gateway: false,
+                refresh: false,
+                holder: "op/1".into(),
+                search_attempts: 2,
+                search_after: Some(Timestamp::from_second(1_700_000_060).unwrap()),
             }),
+            interrupted: vec![],
             rotated_for: Some("r1".into()),
+            failure: Some(FailureRecord {
+                attempts: 3,
+                at: Timestamp::from_second(1_700_000_100).unwrap(),
+                reason: "AwxServerError".into(),
+                message: "m".into(),
+                retryable: true,
+                inputs: "abc".into(),
+                rotation: Some("r1".into()),
+            }),
         };
         state
             .retiring
@@ -237,6 +328,16 @@ mod tests {
             state.next_revocation(),
             Some(Timestamp::from_second(1_700_000_300).unwrap())
         );
+    }
+
+    /// A state written by an earlier release (no failure record, no marker holder) reads.
+    #[test]
+    fn a_state_of_an_earlier_release_reads() {
+        let old = br#"{"current":{"url":"https://awx.example.com/","accessToken":"A","personal":false,"gateway":false,"scope":"write","issuedAt":"2026-01-01T00:00:00Z","renewalTime":"2026-01-02T00:00:00Z","inputs":"x"},"issuing":{"tag":"awxto-1","startedAt":"2026-01-01T00:00:00Z","personal":true,"gateway":false},"rotatedFor":"r"}"#;
+        let state = TokenState::decode(old).unwrap();
+        assert_eq!(state.issuing.unwrap().holder, "");
+        assert!(state.failure.is_none() && state.interrupted.is_empty());
+        assert!(!state.current.unwrap().refresh_broken);
     }
 
     #[test]

@@ -7,6 +7,35 @@
 
 use std::time::Duration;
 
+/// What is known about the effect of a request that failed: the question "could AWX have
+/// created a token?" is answered here, never by reading messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The request never left this process or never reached AWX (refused connection, DNS,
+    /// TLS handshake, a credential that cannot be sent): nothing happened at AWX.
+    NeverSent,
+    /// AWX answered in full and the answer says nothing was done: a refusal, or a server
+    /// error (AWX runs every request in one database transaction, so a request that failed
+    /// committed nothing; docs/awx-protocol.md#transactions).
+    Rejected,
+    /// The request was sent and its answer never arrived whole (a timeout after sending, a
+    /// reset, a cut body), or AWX said success in a body that cannot be read: AWX may have
+    /// done what was asked.
+    Unknown,
+}
+
+impl Outcome {
+    /// The outcome of a complete answer with `status` whose body could not be used: a success
+    /// status means AWX did the work (a token may exist); any other status means it did not.
+    pub(crate) fn of_unreadable(status: u16) -> Self {
+        if (200..=299).contains(&status) {
+            Self::Unknown
+        } else {
+            Self::Rejected
+        }
+    }
+}
+
 /// What went wrong talking to AWX.
 ///
 /// `at` fields read like `POST https://awx.example.com/api/o/token/`.
@@ -186,6 +215,7 @@ pub enum AwxError {
         at: String,
         status: Option<u16>,
         detail: String,
+        outcome: Outcome,
     },
 
     /// No connection could be made, or it broke before an answer came.
@@ -194,6 +224,8 @@ pub enum AwxError {
         at: String,
         host: String,
         detail: String,
+        /// Whether the request may have reached AWX (the connection broke after it was sent).
+        sent: bool,
     },
 
     /// No complete answer within the configured timeout.
@@ -205,6 +237,8 @@ pub enum AwxError {
         at: String,
         host: String,
         timeout: Duration,
+        /// False when no connection could be made in time (nothing reached AWX).
+        sent: bool,
     },
 
     /// The TLS handshake failed, usually because the certificate is not trusted.
@@ -321,6 +355,50 @@ impl AwxError {
         )
     }
 
+    /// What is known about the request's effect at AWX (see [`Outcome`]).
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::InvalidCaBundle { .. }
+            | Self::InvalidEndpoint { .. }
+            | Self::ClientSetup { .. }
+            | Self::MalformedCredential { .. }
+            | Self::MissingCredentials { .. }
+            // A handshake failure: no request was written.
+            | Self::TlsError { .. }
+            | Self::FlavorNotDetected { .. } => Outcome::NeverSent,
+            Self::AwxUnreachable { sent, .. } | Self::Timeout { sent, .. } => {
+                if *sent {
+                    Outcome::Unknown
+                } else {
+                    Outcome::NeverSent
+                }
+            }
+            Self::UnexpectedResponse { outcome, .. } => *outcome,
+            Self::ResponseTooLarge { status, .. } => Outcome::of_unreadable(*status),
+            Self::InvalidClient { .. }
+            | Self::InvalidCredentials { .. }
+            | Self::GrantNotSupported { .. }
+            | Self::ExternalUserRefused { .. }
+            | Self::InvalidScope { .. }
+            | Self::InvalidRequest { .. }
+            | Self::RefreshTokenExpired { .. }
+            | Self::RefreshTokenInvalid { .. }
+            | Self::Unauthorized { .. }
+            | Self::Forbidden { .. }
+            | Self::TokenRejected { .. }
+            | Self::EndpointNotFound { .. }
+            | Self::RevocationNotEffective { .. } => Outcome::Rejected,
+            // 502 and 504 come from a proxy that lost its connection to AWX or gave up waiting
+            // for it, while AWX may still have finished and committed the request.
+            Self::AwxServerError {
+                status: 502 | 504, ..
+            } => {
+                Outcome::Unknown
+            }
+            Self::AwxServerError { .. } => Outcome::Rejected,
+        }
+    }
+
     /// The HTTP status AWX answered with, when there was an answer.
     pub fn http_status(&self) -> Option<u16> {
         match self {
@@ -387,8 +465,9 @@ fn grant_not_supported_message(
     match (grant_type, error) {
         ("client_credentials", "unauthorized_client") => format!(
             "{at} refused the client_credentials grant (HTTP {status}, unauthorized_client{said}): \
-             AWX and the AAP gateway applications only support the password grant and personal \
-             access tokens, so use grant type Password or PersonalAccessToken"
+             AWX and AAP gateway applications support only the password and authorization-code \
+             grants, so use grant type Password (with a \"Resource owner password-based\" \
+             application) or PersonalAccessToken"
         ),
         (_, "unauthorized_client") => format!(
             "{at} refused the {grant_type} grant (HTTP {status}, unauthorized_client{said}): the \

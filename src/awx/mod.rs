@@ -1,8 +1,8 @@
 //! The AWX client: issues, refreshes, revokes and checks API tokens of AWX 24.x and of the
 //! AAP 2.5+ platform gateway. It knows nothing of Kubernetes.
 //!
-//! The wire protocol it follows is described in AWX_PROTOCOL.md (section numbers in comments
-//! refer to it). Tokens, passwords and client secrets are held in [`SecretString`] and never
+//! The wire protocol it follows is described in docs/awx-protocol.md; comments cite its
+//! sections. Tokens, passwords and client secrets are held in [`SecretString`] and never
 //! reach a `Debug` or `Display` output, an error or a log line.
 
 mod error;
@@ -14,6 +14,7 @@ mod wire;
 mod tests;
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Map, Value, json};
 use url::Url;
 
-pub use error::AwxError;
+pub use error::{AwxError, Outcome};
 pub use transport::MAX_BODY_BYTES;
 
 use transport::{Answer, Body, Call, Transport};
@@ -77,7 +78,7 @@ impl Flavor {
         }
     }
 
-    /// The endpoint whose 200 JSON answer identifies the flavour (§7).
+    /// The endpoint whose 200 JSON answer identifies the flavour (docs/awx-protocol.md#detect-flavour).
     fn discovery_path(self) -> &'static str {
         match self {
             Self::Controller => "api/o/",
@@ -144,11 +145,75 @@ impl fmt::Debug for Endpoint {
     }
 }
 
-/// Gates shared by every client of one AWX host; every request waits on both.
+/// Gates shared by every client of one AWX host; every request passes both before it is
+/// sent: first the in-flight gate, then the rate limiter. In that order a stall (AWX slow
+/// to answer) holds requests at the in-flight gate, where they do not use up rate slots; the
+/// other way round, requests queued behind a stall would each have taken a slot and would
+/// all leave together when it ends, a burst AWX would see.
 #[derive(Clone, Default)]
 pub struct RequestLimits {
-    pub rate: Option<Arc<governor::DefaultDirectRateLimiter>>,
-    pub in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    rate: Option<Arc<RateGate>>,
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+/// A GCRA rate limiter on tokio's clock (so tests with paused time see it exactly).
+type RateGate = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<std::time::Instant>,
+>;
+
+/// tokio's clock as a governor clock: real time, or the paused time of a test.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioClock;
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = std::time::Instant;
+    fn now(&self) -> Self::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+/// Held while a request is in flight.
+pub struct Admission {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl RequestLimits {
+    /// At most `max_rps` requests in any one second (no burst; requests spaced 20% wider than
+    /// 1/rps, so that up to 200 ms of network and server-side delay, as seen on a loaded
+    /// 2-core machine, cannot squeeze more than `max_rps` into one second at AWX) and at most
+    /// `max_in_flight` at once. `None`: no limit.
+    pub fn new(max_rps: Option<NonZeroU32>, max_in_flight: Option<usize>) -> Self {
+        Self {
+            rate: max_rps.map(|rps| {
+                let spacing = Duration::from_secs(1).mul_f64(1.20) / rps.get();
+                let quota = governor::Quota::with_period(spacing.max(Duration::from_micros(1)))
+                    .unwrap_or_else(|| governor::Quota::per_second(rps))
+                    .allow_burst(NonZeroU32::MIN);
+                Arc::new(governor::RateLimiter::direct_with_clock(quota, TokioClock))
+            }),
+            in_flight: max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+        }
+    }
+
+    /// Waits until a request may be sent: an in-flight slot first, then a rate slot.
+    pub async fn admit(&self) -> Admission {
+        // A closed semaphore means the caller shut the gate down; carry on without it rather
+        // than fail every request.
+        let permit = match &self.in_flight {
+            Some(gate) => gate.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        if let Some(rate) = &self.rate {
+            while let Err(not_until) = rate.check() {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&TokioClock));
+                tokio::time::sleep(wait.max(Duration::from_micros(1))).await;
+            }
+        }
+        Admission { _permit: permit }
+    }
 }
 
 impl fmt::Debug for RequestLimits {
@@ -289,7 +354,7 @@ impl AwxClient {
         &self.inner.base_url
     }
 
-    /// Tells the gateway from AWX 24.x (§7): the gateway answers `GET /api/gateway/v1/`
+    /// Tells the gateway from AWX 24.x (docs/awx-protocol.md#detect-flavour): the gateway answers `GET /api/gateway/v1/`
     /// with 200 JSON, AWX 24.x answers `GET /api/o/` with 200 JSON. A server or network
     /// failure during a probe is returned as such, since it says nothing about the flavour.
     pub async fn detect_flavor(&self) -> Result<Flavor, AwxError> {
@@ -361,7 +426,7 @@ impl AwxClient {
         }
     }
 
-    /// Trades a refresh token for a new token pair (§3). AWX rotates both and deletes the
+    /// Trades a refresh token for a new token pair (docs/awx-protocol.md#refresh). AWX rotates both and deletes the
     /// old access token at once.
     pub async fn refresh(
         &self,
@@ -504,7 +569,7 @@ impl AwxClient {
         username: Option<&String>,
     ) -> Result<IssuedToken, AwxError> {
         // Confidential applications authenticate with HTTP Basic; public ones only name
-        // themselves in the body (§1).
+        // themselves in the body (docs/awx-protocol.md#password-grant).
         let authorization = match &client.client_secret {
             Some(secret) => Some(wire::client_basic_auth(&client.client_id, secret)?),
             None => {
@@ -524,7 +589,7 @@ impl AwxClient {
         token_answer(&answer, grant_type, scope, username)
     }
 
-    /// `POST /api/v2/tokens/` (or the gateway's) with the user's login and a JSON body (§2).
+    /// `POST /api/v2/tokens/` (or the gateway's) with the user's login and a JSON body (docs/awx-protocol.md#personal-tokens).
     async fn create_personal_token(
         &self,
         flavor: Flavor,
@@ -559,10 +624,10 @@ impl AwxClient {
     ) -> Result<String, AwxError> {
         match (token.kind, token.token_id) {
             // The gateway's revoke endpoint needs the hashed value; its REST API deletes by
-            // id directly, which is simpler when the id is known (§7).
+            // id directly, which is simpler when the id is known (docs/awx-protocol.md#gateway-revoke).
             (TokenKind::Application, Some(id)) if flavor == Flavor::Gateway => {
                 let at = self.delete_token(flavor, id, token, creds).await?;
-                // Deleting the access token leaves its refresh token alive (§3, §4).
+                // Deleting the access token leaves its refresh token alive (docs/awx-protocol.md#delete-token).
                 if let (Some(refresh), Some(client)) = (&token.refresh_token, &creds.client) {
                     self.post_revoke(flavor, client, refresh, "refresh_token")
                         .await?;
@@ -570,7 +635,7 @@ impl AwxClient {
                 Ok(at)
             }
             (TokenKind::Application, id) => match (&creds.client, id) {
-                // Revoking the refresh token also deletes its access token (§4).
+                // Revoking the refresh token also deletes its access token (docs/awx-protocol.md#revoke-token).
                 (Some(client), _) => match &token.refresh_token {
                     Some(refresh) => {
                         self.post_revoke(flavor, client, refresh, "refresh_token")
@@ -589,7 +654,7 @@ impl AwxClient {
                 }),
             },
             (TokenKind::Personal, Some(id)) => self.delete_token(flavor, id, token, creds).await,
-            // Application credentials can revoke a personal token as well (§4).
+            // Application credentials can revoke a personal token as well (docs/awx-protocol.md#revoke-token).
             (TokenKind::Personal, None) => match &creds.client {
                 Some(client) => {
                     self.post_revoke(flavor, client, &token.access_token, "access_token")
@@ -604,7 +669,7 @@ impl AwxClient {
         }
     }
 
-    /// `POST /api/o/revoke_token/` (or the gateway's) with client authentication (§4).
+    /// `POST /api/o/revoke_token/` (or the gateway's) with client authentication (docs/awx-protocol.md#revoke-token).
     async fn post_revoke(
         &self,
         flavor: Flavor,
@@ -669,7 +734,7 @@ impl AwxClient {
     }
 
     /// `DELETE .../tokens/{id}/` with the user's login when given; when that is refused or
-    /// there is none, with the token itself (a write-scoped token may delete itself, §4).
+    /// there is none, with the token itself (a write-scoped token may delete itself, docs/awx-protocol.md#delete-token).
     async fn delete_token(
         &self,
         flavor: Flavor,
@@ -797,6 +862,7 @@ fn token_answer(
                 "the token answer has no access_token (it has: {})",
                 wire::key_names(&object)
             ),
+            outcome: Outcome::of_unreadable(answer.status),
         }
     })?;
     Ok(IssuedToken {
@@ -835,6 +901,7 @@ fn personal_token_answer(
                 "the created token's value is missing or masked (the answer has: {})",
                 wire::key_names(&object)
             ),
+            outcome: Outcome::of_unreadable(answer.status),
         })?;
     // The token exists now and its value is shown only this once: an odd `expires`
     // must not make the caller lose it.
@@ -891,11 +958,12 @@ fn parse_me(answer: &Answer) -> Result<AwxUser, AwxError> {
                 "the answer names no user (it has: {})",
                 wire::key_names(&object)
             ),
+            outcome: Outcome::of_unreadable(answer.status),
         }),
     }
 }
 
-/// Errors of the token endpoint (§1 error table, §3, §7).
+/// Errors of the token endpoint (docs/awx-protocol.md#token-errors, docs/awx-protocol.md#refresh, docs/awx-protocol.md#flavours).
 fn token_endpoint_failure(answer: &Answer, grant_type: &'static str, scope: Scope) -> AwxError {
     let at = answer.at.clone();
     let status = answer.status;
@@ -947,10 +1015,11 @@ fn token_endpoint_failure(answer: &Answer, grant_type: &'static str, scope: Scop
                 at,
                 status: Some(status),
                 detail: format!("OAuth2 error {other}{}", opt_suffix(&description)),
+                outcome: Outcome::Rejected,
             },
         };
     }
-    // The two refusals AWX sends as text/html (§1).
+    // The two refusals AWX sends as text/html (docs/awx-protocol.md#token-errors).
     if status == 403 {
         let text = wire::detail_text(&answer.body);
         if text
@@ -978,14 +1047,15 @@ fn token_endpoint_failure(answer: &Answer, grant_type: &'static str, scope: Scop
     if grant_type == "refresh_token"
         && let AwxError::AwxServerError { hint, .. } = &mut error
     {
-        // §3: a refresh token whose access token was deleted makes AWX fail with 500.
+        // A refresh token whose access token was deleted makes AWX fail with 500
+        // (docs/awx-protocol.md#refresh).
         *hint = "; if this repeats, the refresh token's access token was probably deleted \
                  (AWX then fails with 500 on every refresh) and a new token has to be issued";
     }
     error
 }
 
-/// Errors of `POST /api/v2/tokens/` (§2).
+/// Errors of `POST /api/v2/tokens/` (docs/awx-protocol.md#personal-tokens).
 fn personal_token_failure(answer: &Answer, scope: Scope) -> AwxError {
     let at = answer.at.clone();
     let status = answer.status;
@@ -1051,6 +1121,7 @@ fn common_failure(answer: &Answer) -> AwxError {
                     .map(|l| wire::redacted_excerpt(l.as_bytes()))
                     .unwrap_or_else(|| "no Location".to_owned())
             ),
+            outcome: Outcome::Rejected,
         },
         404 | 405 => AwxError::EndpointNotFound { at, status },
         401 => AwxError::Unauthorized {
@@ -1073,6 +1144,7 @@ fn common_failure(answer: &Answer) -> AwxError {
             at,
             status: Some(status),
             detail: format!("HTTP {status}: {}", wire::detail_text(&answer.body)),
+            outcome: Outcome::of_unreadable(status),
         },
     }
 }

@@ -1,5 +1,5 @@
 //! Behaviour of the client against mocked AWX and gateway servers. Answers are the ones
-//! AWX_PROTOCOL.md records, status, body and headers alike.
+//! docs/awx-protocol.md records, status, body and headers alike.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
@@ -7,7 +7,6 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use governor::{Quota, RateLimiter};
 use jiff::{SignedDuration, Timestamp};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -30,7 +29,7 @@ const ACCESS: &str = "Qm7rT2vX9kLpA4sZ8nB1cD5eF3gH6j";
 const REFRESH: &str = "Zx8Yw7Vu6Ts5Rq4Po3Nm2Lk1Ji0Hg";
 const SECRETS: [&str; 4] = [PASSWORD, CLIENT_SECRET, ACCESS, REFRESH];
 
-/// AWX's answer to a dead token (§5).
+/// AWX's answer to a dead token (docs/awx-protocol.md#verify).
 const AWX_401_DETAIL: &str = "Authentication credentials were not provided. To establish a login session, visit /api/login/.";
 const AWX_401_CHALLENGE: &str = "Bearer realm=api authorization_url=/api/o/authorize/";
 
@@ -621,13 +620,13 @@ async fn unauthorized_client_on_client_credentials_says_use_password_or_personal
     let message = checked(&error);
     assert!(
         message.contains(
-            "AWX and the AAP gateway applications only support the password grant and \
-             personal access tokens"
+            "AWX and AAP gateway applications support only the password and \
+             authorization-code grants"
         ),
         "{message}"
     );
     assert!(
-        message.contains("use grant type Password or PersonalAccessToken"),
+        message.contains("use grant type Password (with a \"Resource owner password-based\" application) or PersonalAccessToken"),
         "{message}"
     );
 }
@@ -1074,31 +1073,75 @@ async fn observer_hears_each_request_with_its_label_and_status() {
 }
 
 #[tokio::test]
-async fn rate_limiter_spaces_requests_out() {
+async fn rate_limiter_spaces_requests_out_without_a_burst() {
     let server = MockServer::start().await;
     Mock::given(path("/api/v2/me/"))
         .respond_with(me_answer())
-        .expect(10)
+        .expect(6)
         .mount(&server)
         .await;
-    let limits = RequestLimits {
-        rate: Some(Arc::new(RateLimiter::direct(Quota::per_second(
-            NonZeroU32::new(5).unwrap(),
-        )))),
-        in_flight: None,
-    };
+    let limits = RequestLimits::new(NonZeroU32::new(5), None);
     let client = AwxClient::new(endpoint_for(&server.uri()), limits, None).unwrap();
 
     let started = Instant::now();
-    for _ in 0..10 {
+    for _ in 0..6 {
         client.whoami(Flavor::Controller, &access()).await.unwrap();
     }
-    // A burst of 5, then 5 more at 200 ms intervals.
+    // No burst: five gaps of 1.2 / 5 s each.
     assert!(
-        started.elapsed() >= Duration::from_millis(800),
+        started.elapsed() >= Duration::from_millis(1190),
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Arrival times of requests at a mock AWX.
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<Vec<Instant>>>);
+
+impl wiremock::Respond for Arrivals {
+    fn respond(&self, _request: &Request) -> ResponseTemplate {
+        let mut seen = self.0.lock().unwrap();
+        seen.push(Instant::now());
+        // The first two answers take 2 s: AWX stalls while requests queue up behind them.
+        let delay = if seen.len() <= 2 {
+            Duration::from_secs(2)
+        } else {
+            Duration::ZERO
+        };
+        me_answer().set_delay(delay)
+    }
+}
+
+/// Defect "--awx-max-rps is exceeded": with requests queued behind a stall, AWX must still
+/// never see more than the limit in any one-second window once the stall ends.
+#[tokio::test]
+async fn a_stall_does_not_turn_queued_requests_into_a_burst() {
+    let server = MockServer::start().await;
+    let arrivals = Arrivals::default();
+    Mock::given(path("/api/v2/me/"))
+        .respond_with(arrivals.clone())
+        .mount(&server)
+        .await;
+    let limits = RequestLimits::new(NonZeroU32::new(10), Some(2));
+    let client = AwxClient::new(endpoint_for(&server.uri()), limits, None).unwrap();
+    let token = access();
+    let results =
+        futures::future::join_all((0..24).map(|_| client.whoami(Flavor::Controller, &token))).await;
+    assert!(results.iter().all(Result::is_ok));
+    let times = arrivals.0.lock().unwrap().clone();
+    assert_eq!(times.len(), 24);
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(busiest <= 10, "{busiest} requests within one second");
 }
 
 #[tokio::test]
@@ -1109,10 +1152,7 @@ async fn in_flight_gate_serialises_requests() {
         .expect(3)
         .mount(&server)
         .await;
-    let limits = RequestLimits {
-        rate: None,
-        in_flight: Some(Arc::new(tokio::sync::Semaphore::new(1))),
-    };
+    let limits = RequestLimits::new(None, Some(1));
     let client = AwxClient::new(endpoint_for(&server.uri()), limits, None).unwrap();
 
     let started = Instant::now();
@@ -1736,6 +1776,7 @@ fn every_error_has_a_reason_and_the_refresh_failures_alone_require_reissue() {
             at: at(),
             host: "awx.example.com:443".to_owned(),
             timeout: Duration::from_secs(10),
+            sent: true,
         },
     ];
     let reissue: Vec<bool> = errors.iter().map(AwxError::requires_reissue).collect();

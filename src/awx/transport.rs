@@ -74,7 +74,9 @@ impl Transport {
             .user_agent(USER_AGENT)
             .default_headers(headers)
             .timeout(timeout)
-            .connect_timeout(timeout)
+            // Shorter than the whole request's timeout, so a request that could not connect in
+            // time is told apart (never sent) from one that was sent and not answered.
+            .connect_timeout(connect_timeout(timeout))
             // Servers close idle connections (gunicorn after 5 s, nginx after 75 s); reusing one
             // just as it closes fails the request. Renewals are far apart: connect anew.
             .pool_idle_timeout(Duration::from_secs(4))
@@ -97,15 +99,7 @@ impl Transport {
         let at = format!("{} {}", call.method, call.url);
         let host = host_of(&call.url);
 
-        if let Some(rate) = &self.limits.rate {
-            rate.until_ready().await;
-        }
-        // A closed semaphore means the caller shut the gate down; carry on without it
-        // rather than fail every request.
-        let _permit = match &self.limits.in_flight {
-            Some(gate) => gate.acquire().await.ok(),
-            None => None,
-        };
+        let _admission = self.limits.admit().await;
 
         let mut request = self
             .http
@@ -129,10 +123,13 @@ impl Transport {
         )
         .await
         .unwrap_or_else(|_| {
+            // The connect phase has its own, shorter timeout: when this one fires the request
+            // was on its way.
             Err(AwxError::Timeout {
                 at: at.clone(),
                 host: host.clone(),
                 timeout: self.timeout,
+                sent: true,
             })
         });
         let elapsed = started.elapsed();
@@ -156,10 +153,11 @@ impl Transport {
             ),
         }
         outcome.map_err(|e| match e {
-            AwxError::Timeout { at, host, .. } => AwxError::Timeout {
+            AwxError::Timeout { at, host, sent, .. } => AwxError::Timeout {
                 at,
                 host,
                 timeout: self.timeout,
+                sent,
             },
             other => other,
         })
@@ -221,6 +219,11 @@ async fn read_answer(
     })
 }
 
+/// Time allowed to connect (TCP and TLS): at most 10 s, and at most 80% of the timeout.
+fn connect_timeout(timeout: Duration) -> Duration {
+    timeout.mul_f64(0.8).min(Duration::from_secs(10))
+}
+
 /// `host:port` of a URL, for messages.
 pub(crate) fn host_of(url: &Url) -> String {
     match (url.host_str(), url.port_or_known_default()) {
@@ -233,14 +236,19 @@ pub(crate) fn host_of(url: &Url) -> String {
 /// Sorts a reqwest failure into timeout, TLS or unreachable. The Timeout variant's duration
 /// is filled in by the caller.
 fn transport_error(at: &str, host: &str, error: &reqwest::Error) -> AwxError {
+    // Only a failure to connect proves the request never left; anything later (a reset, a
+    // timeout while waiting, a body cut off) leaves its effect at AWX unknown.
+    let sent = !error.is_connect();
     if error.is_timeout() {
         return AwxError::Timeout {
             at: at.to_owned(),
             host: host.to_owned(),
             timeout: Duration::ZERO,
+            sent,
         };
     }
-    if let Some(tls) = find_tls_error(error) {
+    // A TLS failure after the handshake (rare) is a broken connection like any other.
+    if let Some(tls) = find_tls_error(error).filter(|_| !sent) {
         return AwxError::TlsError {
             at: at.to_owned(),
             host: host.to_owned(),
@@ -264,6 +272,7 @@ fn transport_error(at: &str, host: &str, error: &reqwest::Error) -> AwxError {
         at: at.to_owned(),
         host: host.to_owned(),
         detail,
+        sent,
     }
 }
 

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 
-use super::error::AwxError;
+use super::error::{AwxError, Outcome};
 use super::transport::Answer;
 
 /// How much of a body goes into an error message.
@@ -202,6 +202,9 @@ pub(crate) fn json_object(answer: &Answer) -> Result<Map<String, Value>, AwxErro
                  or another web application may be answering at that address",
                 redacted_excerpt(&answer.body)
             ),
+            // AWX's API never answers a token request with an HTML page: whatever answered
+            // (a proxy, a login page) stood in front of AWX, which did nothing.
+            outcome: Outcome::Rejected,
         });
     }
     match serde_json::from_slice::<Value>(&answer.body) {
@@ -210,17 +213,20 @@ pub(crate) fn json_object(answer: &Answer) -> Result<Map<String, Value>, AwxErro
             at: answer.at.clone(),
             status: Some(answer.status),
             detail: format!("expected a JSON object but got {}", json_kind(&other)),
+            outcome: Outcome::of_unreadable(answer.status),
         }),
         // serde_json's syntax errors give a position, never the input.
         Err(e) if answer.body.is_empty() => Err(AwxError::UnexpectedResponse {
             at: answer.at.clone(),
             status: Some(answer.status),
             detail: format!("the body is empty where JSON was expected ({e})"),
+            outcome: Outcome::of_unreadable(answer.status),
         }),
         Err(e) => Err(AwxError::UnexpectedResponse {
             at: answer.at.clone(),
             status: Some(answer.status),
             detail: format!("the body is not valid JSON ({e}); it may have been cut off"),
+            outcome: Outcome::of_unreadable(answer.status),
         }),
     }
 }
@@ -312,7 +318,7 @@ pub(crate) fn bearer_auth(token: &SecretString) -> Result<HeaderValue, AwxError>
 }
 
 /// The gateway stores tokens as `$sha256$<hex>` and its revoke endpoint looks the posted
-/// value up unchanged, so that is the form it has to be given (AWX_PROTOCOL.md §7).
+/// value up unchanged, so that is the form it has to be given (docs/awx-protocol.md#gateway-revoke).
 pub(crate) fn gateway_token_reference(token: &SecretString) -> SecretString {
     let digest = Sha256::digest(token.expose_secret().as_bytes());
     SecretString::from(format!("$sha256${}", hex::encode(digest)))

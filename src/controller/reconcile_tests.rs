@@ -1,5 +1,6 @@
 //! The reconciler against a scripted Kubernetes API and a mocked AWX: the exact calls of a
-//! first issue, a steady state, a renewal, a revocation, a deletion and a credential failure.
+//! first issue, a steady state, a renewal, a revocation, a deletion, a credential failure,
+//! a conflicting writer and a predecessor's state.
 
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use wiremock::{
 
 use super::FINALIZER;
 use crate::{
-    crd::{AwxToken, SKIP_REVOKE_ANNOTATION},
-    fixtures::{self as fx, Harness, Reply, Run, get, patch, post},
+    crd::{AwxToken, ROTATE_ANNOTATION, SKIP_REVOKE_ANNOTATION},
+    fixtures::{self as fx, Harness, Reply, Run, get, patch, post, put},
     state::{Sensitive, TokenState},
 };
 
@@ -40,6 +41,7 @@ const SECRET_VALUES: [&str; 8] = [
 const AWX_DEFAULT_EXPIRES_IN: u64 = 31_536_000_000;
 
 const STATE: &str = "/api/v1/namespaces/apps/secrets/awx-token-operator-state-ci-bot";
+const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
 const TARGET: &str = "/api/v1/namespaces/apps/secrets/ci-bot-awx";
 const CREDENTIALS: &str = "/api/v1/namespaces/apps/secrets/awx-bot";
 const AWX_TOKEN: &str = "/apis/awx-token-operator.io/v1alpha1/namespaces/apps/awxtokens/ci-bot";
@@ -48,7 +50,7 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/apps/events";
 
 // ------------------------------------------------------------------ AWX answers
 
-/// `POST /api/o/token/` success (AWX_PROTOCOL.md §1).
+/// `POST /api/o/token/` success (docs/awx-protocol.md#token-answer).
 async fn awx_issues(h: &Harness, access: &str, refresh: &str, expires_in: u64) {
     let answer = ResponseTemplate::new(200)
         .insert_header("cache-control", "no-store")
@@ -68,8 +70,8 @@ async fn awx_issues(h: &Harness, access: &str, refresh: &str, expires_in: u64) {
         .await;
 }
 
-/// `POST /api/o/revoke_token/` success: 200, empty body (§4); then `GET /api/v2/me/` with the
-/// revoked token: 401 (§5).
+/// `POST /api/o/revoke_token/` success: 200, empty body (docs/awx-protocol.md#revoke-token); then `GET /api/v2/me/` with the
+/// revoked token: 401 (docs/awx-protocol.md#verify).
 async fn awx_revokes(h: &Harness) {
     Mock::given(method("POST"))
         .and(path("/api/o/revoke_token/"))
@@ -114,6 +116,23 @@ struct World {
     token: AwxToken,
     state: Value,
     target: Value,
+    /// The resourceVersion the API server gave the state Secret it created.
+    created_version: String,
+}
+
+/// The calls of a first issue: the marker created, the token recorded, the event, the
+/// Secret, the status.
+fn first_issue_script(token: &AwxToken) -> Vec<fx::Expected> {
+    vec![
+        get(STATE, Reply::not_found()),
+        get(TARGET, Reply::not_found()),
+        get(CREDENTIALS, Reply::object(fx::credentials())),
+        post(SECRETS, Reply::stored(true)),
+        put(STATE, Reply::stored(false)),
+        post(EVENTS, Reply::stored(true)),
+        patch(TARGET, Reply::stored(false)),
+        patch(STATUS, Reply::status_of(token)),
+    ]
 }
 
 /// Reconciles a fresh AwxToken to its first token (`ACCESS`), answering each call as the API
@@ -121,26 +140,28 @@ struct World {
 async fn issue_first(h: &mut Harness) -> (Run, World) {
     let token = fx::awx_token(&h.awx_url());
     awx_issues(h, ACCESS, REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
-    let run = h
-        .reconcile(
-            &token,
-            vec![
-                get(STATE, Reply::not_found()),
-                get(TARGET, Reply::not_found()),
-                get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATE, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-                patch(STATE, Reply::stored(false)),
-                post(EVENTS, Reply::stored(true)),
-                patch(TARGET, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-            ],
-        )
-        .await;
+    let created = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut script = first_issue_script(&token);
+    script[3] = post(
+        SECRETS,
+        Reply::from_fn({
+            let created = created.clone();
+            move |call| {
+                let stored = fx::stored(&call.body);
+                *created.lock().unwrap() = stored["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (201, stored)
+            }
+        }),
+    );
+    let run = h.reconcile(&token, script).await;
     let world = World {
         token: fx::with_status(&token, last_body(&run, Method::PATCH, STATUS)),
-        state: fx::stored(last_body(&run, Method::PATCH, STATE)),
+        state: fx::stored(last_body(&run, Method::PUT, STATE)),
         target: fx::stored(last_body(&run, Method::PATCH, TARGET)),
+        created_version: created.lock().unwrap().clone(),
     };
     (run, world)
 }
@@ -184,37 +205,32 @@ fn ago(hours: i64) -> Timestamp {
     Timestamp::now() - SignedDuration::from_hours(hours)
 }
 
+/// The state Secret as stored, with `state` in it.
+fn state_object(token: &AwxToken, state: &TokenState) -> Value {
+    fx::state_secret(token, state)
+}
+
 // ------------------------------------------------------------------ scenarios
 
 #[tokio::test]
-async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready() {
+async fn first_issue_marks_the_request_stores_the_token_then_writes_the_secret() {
     let mut h = Harness::start().await;
     let (run, world) = issue_first(&mut h).await;
 
-    // The event comes right after the state is saved, before the target Secret is written.
     assert_eq!(
         run.timeline(),
         [
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
-            format!("k8s PATCH {STATE}"),
-            format!("k8s PATCH {STATUS}"),
+            format!("k8s POST {SECRETS}"),
             "awx POST /api/o/token/".to_string(),
-            format!("k8s PATCH {STATE}"),
+            format!("k8s PUT {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {TARGET}"),
             format!("k8s PATCH {STATUS}"),
         ]
     );
-
-    let statuses = run.kube(Method::PATCH, STATUS);
-    let issuing = &statuses[0].body;
-    assert_eq!(issuing["apiVersion"], "awx-token-operator.io/v1alpha1");
-    assert_eq!(issuing["kind"], "AwxToken");
-    let issuing_condition = condition(issuing, "Issuing");
-    assert_eq!(issuing_condition["status"], "True");
-    assert_eq!(issuing_condition["reason"], "Issuing");
 
     let request = &run.awx(Method::POST, "/api/o/token/")[0];
     assert_eq!(
@@ -235,20 +251,31 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
         ])
     );
 
-    // The request is recorded before it is sent, and cleared with the write that stores its answer.
-    let intent = fx::state_of(&run.kube(Method::PATCH, STATE)[0].body);
-    let intent = intent
-        .issuing
-        .expect("the intent is saved before the request");
-    assert!(intent.tag.starts_with("awxto-") && !intent.personal && !intent.gateway);
-    let state_body = last_body(&run, Method::PATCH, STATE);
-    assert!(fx::state_of(state_body).issuing.is_none());
+    // The request is recorded (in a new state Secret owned by the AwxToken's UID) before it
+    // is sent, and cleared with the write that stores its answer.
+    let created = &run.kube(Method::POST, SECRETS)[0].body;
     assert_eq!(
-        state_body["metadata"]["labels"]["awx-token-operator.io/role"],
-        "state"
+        created["metadata"]["name"],
+        "awx-token-operator-state-ci-bot"
     );
-    assert_eq!(state_body["metadata"]["ownerReferences"][0]["uid"], fx::UID);
-    let state = fx::state_of(state_body);
+    assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], fx::UID);
+    assert_eq!(
+        created["metadata"]["annotations"]["awx-token-operator.io/awx-token-uid"],
+        fx::UID
+    );
+    let marker = fx::state_of(created)
+        .issuing
+        .expect("the marker is saved before the request");
+    assert!(marker.tag.starts_with("awxto-") && !marker.personal && !marker.gateway);
+    assert_eq!(marker.holder, h.ctx.settings.identity);
+    // The token is recorded by a replace conditional on the version the create returned.
+    let replaced = &run.kube(Method::PUT, STATE)[0].body;
+    assert_eq!(
+        replaced["metadata"]["resourceVersion"],
+        json!(world.created_version)
+    );
+    let state = fx::state_of(replaced);
+    assert!(state.issuing.is_none());
     let current = state.current.as_ref().expect("a current token");
     assert_eq!(current.token.access_token.expose(), ACCESS);
     assert_eq!(
@@ -256,7 +283,7 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
         Some(REFRESH)
     );
     assert!(between(current.issued_at, run.started, run.finished));
-    assert!(state.retiring.is_empty());
+    assert!(state.retiring.is_empty() && state.failure.is_none());
 
     let event = last_body(&run, Method::POST, EVENTS);
     assert_eq!(event["type"], "Normal");
@@ -264,12 +291,10 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
     assert_eq!(event["note"], "Token issued (first issue)");
     assert_eq!(event["reportingController"], "awx-token-operator");
     assert_eq!(event["regarding"]["kind"], "AwxToken");
-    assert_eq!(event["regarding"]["name"], fx::NAME);
     assert_eq!(event["regarding"]["uid"], fx::UID);
 
     let target = last_body(&run, Method::PATCH, TARGET);
     assert_eq!(target["metadata"]["name"], fx::TARGET);
-    assert_eq!(target["metadata"]["namespace"], fx::NAMESPACE);
     let keys: Vec<_> = target["data"]
         .as_object()
         .map(|d| d.keys().cloned().collect())
@@ -288,18 +313,19 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
         }])
     );
     assert_eq!(
-        target["metadata"]["labels"]["app.kubernetes.io/managed-by"],
-        "awx-token-operator"
+        target["metadata"]["annotations"]["awx-token-operator.io/awx-token-uid"],
+        fx::UID
     );
-    assert_server_side_apply(&run, STATE);
+    // A new Secret: no resourceVersion to hold the write to.
+    assert!(target["metadata"].get("resourceVersion").is_none());
     assert_server_side_apply(&run, TARGET);
     assert_server_side_apply(&run, STATUS);
 
-    let ready = &statuses[1].body;
+    let ready = last_body(&run, Method::PATCH, STATUS);
     let ready_condition = condition(ready, "Ready");
     assert_eq!(ready_condition["status"], "True");
     assert_eq!(ready_condition["reason"], "TokenReady");
-    assert_eq!(condition(ready, "Issuing")["status"], "False");
+    assert_eq!(condition(ready, "RenewalFailed")["status"], "False");
     let status = &ready["status"];
     assert_eq!(status["secretName"], fx::TARGET);
     assert_eq!(status["user"], fx::USERNAME);
@@ -322,7 +348,6 @@ async fn first_issue_stores_the_token_then_writes_the_secret_and_reports_ready()
         world.token.status.as_ref().map(|s| s.failed_attempts),
         Some(0)
     );
-
     // Renewal is about 24h away (rotateEvery); the requeue is clamped to 1h.
     assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
 }
@@ -333,23 +358,8 @@ async fn first_issue_requeues_at_the_renewal_time_when_it_is_within_the_hour() {
     let token = fx::awx_token(&h.awx_url());
     // 30 minutes of lifetime, less than renewBefore (1h): renewal at two thirds of it.
     awx_issues(&h, ACCESS, REFRESH, 1800).await;
-    let run = h
-        .reconcile(
-            &token,
-            vec![
-                get(STATE, Reply::not_found()),
-                get(TARGET, Reply::not_found()),
-                get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATE, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-                patch(STATE, Reply::stored(false)),
-                post(EVENTS, Reply::stored(true)),
-                patch(TARGET, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-            ],
-        )
-        .await;
-    let state = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    let run = h.reconcile(&token, first_issue_script(&token)).await;
+    let state = fx::state_of(last_body(&run, Method::PUT, STATE));
     let renewal = state.current.expect("a current token").renewal_time;
     let requeue = fx::requeue_after(run.action()).expect("a requeue");
     let earliest = Duration::try_from(renewal.duration_since(run.finished)).unwrap();
@@ -411,12 +421,11 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
         .reconcile(
             &token,
             vec![
-                get(STATE, Reply::object(fx::state_secret(&token, &state))),
+                get(STATE, Reply::object(state_object(&token, &state))),
                 get(TARGET, Reply::object(world.target.clone())),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATE, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-                patch(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
                 patch(TARGET, Reply::stored(false)),
                 patch(STATUS, Reply::status_of(&token)),
@@ -424,28 +433,24 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
         )
         .await;
 
+    // Marker, token, event, Secret, status: four writes and an event per renewal.
     assert_eq!(
         run.timeline(),
         [
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
-            format!("k8s PATCH {STATE}"),
-            format!("k8s PATCH {STATUS}"),
+            format!("k8s PUT {STATE}"),
             "awx POST /api/o/token/".to_string(),
-            format!("k8s PATCH {STATE}"),
+            format!("k8s PUT {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {TARGET}"),
             format!("k8s PATCH {STATUS}"),
         ]
     );
-    let saved = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
     let current = saved.current.as_ref().expect("a current token");
     assert_eq!(current.token.access_token.expose(), NEW_ACCESS);
-    assert_eq!(
-        current.token.refresh_token.as_ref().map(Sensitive::expose),
-        Some(NEW_REFRESH)
-    );
     assert_eq!(saved.retiring.len(), 1);
     let retiring = &saved.retiring[0];
     assert_eq!(retiring.token.access_token.expose(), ACCESS);
@@ -460,19 +465,89 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
         run.started + grace,
         run.finished + grace
     ));
-
-    assert_eq!(
-        last_body(&run, Method::POST, EVENTS)["note"],
-        "Token renewed (renewal time reached)"
-    );
+    let event = last_body(&run, Method::POST, EVENTS);
+    assert_eq!(event["reason"], "TokenRenewed");
+    assert_eq!(event["note"], "Token renewed (renewal time reached)");
+    // The Secret existed: the write holds only if it is still the version read.
     let target = last_body(&run, Method::PATCH, TARGET);
     assert_eq!(fx::secret_data(target, "token"), NEW_ACCESS);
+    assert_eq!(
+        target["metadata"]["resourceVersion"],
+        world.target["metadata"]["resourceVersion"]
+    );
     let ready = last_body(&run, Method::PATCH, STATUS);
     assert_eq!(condition(ready, "Ready")["status"], "True");
     assert_eq!(ready["status"]["pendingRevocations"], 1);
     run.assert_not_leaked(&SECRET_VALUES);
     // Next wake: the end of the grace period.
-    assert_eq!(run.action(), &Action::requeue(Duration::from_secs(300)));
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(299)..=Duration::from_secs(300)).contains(&requeue),
+        "{requeue:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_conflicting_writer_is_merged_not_overwritten() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let token = world.token;
+    let mut state = fx::state_of(&world.state);
+    state.current.as_mut().unwrap().issued_at = ago(25);
+    let mut old = state.current.clone().unwrap().retire(ago(-1));
+    old.token.access_token = Sensitive::new(OLD_ACCESS);
+    old.token.refresh_token = Some(Sensitive::new(OLD_REFRESH));
+    state.retiring.push(old);
+    awx_issues(&h, NEW_ACCESS, NEW_REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+    // While the request is in flight, another process revokes the old token and removes it
+    // (a new version of the state Secret, with the marker still there).
+    let marked = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+    let remember = {
+        let marked = marked.clone();
+        move |call: &fx::KubeCall| {
+            *marked.lock().unwrap() = call.body.clone();
+            (200, fx::stored(&call.body))
+        }
+    };
+    let written_by_other = {
+        let token = token.clone();
+        move |_: &fx::KubeCall| {
+            let mut other = fx::state_of(&marked.lock().unwrap());
+            other.retiring.clear();
+            (200, fx::state_secret(&token, &other))
+        }
+    };
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::from_fn(remember)),
+                put(STATE, Reply::conflict()),
+                get(STATE, Reply::from_fn(written_by_other)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert_eq!(
+        saved.current.as_ref().unwrap().token.access_token.expose(),
+        NEW_ACCESS
+    );
+    // The other writer's revocation stays; the replaced token joins it as retiring.
+    let retiring: Vec<_> = saved
+        .retiring
+        .iter()
+        .map(|r| r.token.access_token.expose())
+        .collect();
+    assert_eq!(retiring, [ACCESS]);
+    assert!(saved.issuing.is_none());
+    assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
 }
 
 #[tokio::test]
@@ -495,10 +570,11 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
         .reconcile(
             &token,
             vec![
-                get(STATE, Reply::object(fx::state_secret(&token, &state))),
+                get(STATE, Reply::object(state_object(&token, &state))),
                 get(TARGET, Reply::object(world.target.clone())),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
                 patch(STATUS, Reply::status_of(&token)),
             ],
         )
@@ -512,7 +588,8 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
             format!("k8s GET {CREDENTIALS}"),
             "awx POST /api/o/revoke_token/".to_string(),
             "awx GET /api/v2/me/".to_string(),
-            format!("k8s PATCH {STATE}"),
+            format!("k8s PUT {STATE}"),
+            format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {STATUS}"),
         ]
     );
@@ -530,7 +607,7 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
         check.authorization.as_deref(),
         Some(format!("Bearer {OLD_ACCESS}").as_str())
     );
-    let saved = fx::state_of(last_body(&run, Method::PATCH, STATE));
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
     assert_eq!(
         saved,
         TokenState {
@@ -538,11 +615,77 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
             ..TokenState::default()
         }
     );
+    assert_eq!(
+        last_body(&run, Method::POST, EVENTS)["reason"],
+        "TokenRevoked"
+    );
     let ready = last_body(&run, Method::PATCH, STATUS);
     assert_eq!(condition(ready, "Ready")["status"], "True");
     assert!(ready["status"].get("pendingRevocations").is_none());
     run.assert_not_leaked(&SECRET_VALUES);
     assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
+}
+
+#[tokio::test]
+async fn a_predecessors_state_is_taken_over_not_adopted() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    // The AwxToken was deleted and created again under the same name; the garbage collector
+    // has not removed the old state Secret (owned by the old UID) yet.
+    let mut reborn = fx::awx_token(&h.awx_url());
+    reborn.metadata.uid = Some("9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a".into());
+    awx_issues(&h, NEW_ACCESS, NEW_REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+    let run = h
+        .reconcile(
+            &reborn,
+            vec![
+                get(STATE, Reply::object(world.state.clone())),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&reborn)),
+            ],
+        )
+        .await;
+    // Taken over by the first state write, only if it is still the version read; its
+    // tokens are not carried over, and it is owned by the new UID from then on.
+    let first = &run.kube(Method::PUT, STATE)[0].body;
+    assert_eq!(
+        first["metadata"]["resourceVersion"],
+        world.state["metadata"]["resourceVersion"]
+    );
+    assert_eq!(
+        first["metadata"]["ownerReferences"][0]["uid"],
+        "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"
+    );
+    let marked = fx::state_of(first);
+    assert!(marked.current.is_none() && marked.issuing.is_some());
+    // A token of its own, never the predecessor's.
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert_eq!(
+        saved.current.as_ref().unwrap().token.access_token.expose(),
+        NEW_ACCESS
+    );
+    assert!(saved.retiring.is_empty());
+    let target = last_body(&run, Method::PATCH, TARGET);
+    assert_eq!(fx::secret_data(target, "token"), NEW_ACCESS);
+    assert_eq!(
+        target["metadata"]["ownerReferences"][0]["uid"],
+        "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"
+    );
+    // Taken over: not held to the predecessor's version.
+    assert!(target["metadata"].get("resourceVersion").is_none());
+    assert_eq!(event_reason(&run), "TokenIssued");
+}
+
+fn event_reason(run: &Run) -> String {
+    last_body(run, Method::POST, EVENTS)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
@@ -557,7 +700,10 @@ async fn delete_revokes_the_current_token_then_removes_the_finalizer() {
             &token,
             vec![
                 get(STATE, Reply::object(world.state.clone())),
+                get(TARGET, Reply::object(world.target.clone())),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
                 patch(AWX_TOKEN, Reply::finalizer_removed(&token)),
             ],
         )
@@ -567,9 +713,12 @@ async fn delete_revokes_the_current_token_then_removes_the_finalizer() {
         run.timeline(),
         [
             format!("k8s GET {STATE}"),
+            format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
             "awx POST /api/o/revoke_token/".to_string(),
             "awx GET /api/v2/me/".to_string(),
+            format!("k8s PUT {STATE}"),
+            format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {AWX_TOKEN}"),
         ]
     );
@@ -578,10 +727,8 @@ async fn delete_revokes_the_current_token_then_removes_the_finalizer() {
         form(&[("token", REFRESH), ("token_type_hint", "refresh_token")])
     );
     assert_eq!(
-        run.awx(Method::GET, "/api/v2/me/")[0]
-            .authorization
-            .as_deref(),
-        Some(format!("Bearer {ACCESS}").as_str())
+        fx::state_of(last_body(&run, Method::PUT, STATE)),
+        TokenState::default()
     );
     assert_finalizer_removed(&run);
     assert_eq!(run.action(), &Action::await_change());
@@ -622,10 +769,23 @@ async fn delete_sends_nothing_to_a_host_outside_the_allow_list() {
     let token = fx::deleting(&world.token);
 
     let run = h
-        .reconcile(&token, vec![get(STATE, Reply::object(world.state.clone()))])
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(world.state.clone())),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
         .await;
 
-    assert_eq!(run.timeline(), [format!("k8s GET {STATE}")]);
+    assert!(
+        run.calls.iter().all(|c| matches!(c, fx::Call::Kube(_))),
+        "{:?}",
+        run.timeline()
+    );
     let error = run
         .result
         .as_ref()
@@ -633,6 +793,8 @@ async fn delete_sends_nothing_to_a_host_outside_the_allow_list() {
         .to_string();
     assert!(error.contains("--allowed-awx-hosts"), "{error}");
     assert!(error.contains(SKIP_REVOKE_ANNOTATION), "{error}");
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "Ready")["reason"], "RevokeFailed");
 }
 
 fn assert_finalizer_removed(run: &Run) {
@@ -669,30 +831,34 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
                 get(STATE, Reply::not_found()),
                 get(TARGET, Reply::not_found()),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATE, Reply::stored(false)),
-                patch(STATUS, Reply::status_of(&token)),
-                patch(STATE, Reply::stored(false)),
+                post(SECRETS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
                 post(EVENTS, Reply::stored(true)),
                 patch(STATUS, Reply::status_of(&token)),
             ],
         )
         .await;
 
-    // The Warning event is published before the failed status is written.
     assert_eq!(
         run.timeline(),
         [
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
-            format!("k8s PATCH {STATE}"),
-            format!("k8s PATCH {STATUS}"),
+            format!("k8s POST {SECRETS}"),
             "awx POST /api/o/token/".to_string(),
-            format!("k8s PATCH {STATE}"),
+            format!("k8s PUT {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {STATUS}"),
         ]
     );
+    // The failure is kept with the state, the marker cleared (a refusal created nothing).
+    let stored_state = fx::stored(last_body(&run, Method::PUT, STATE));
+    let saved = fx::state_of(&stored_state);
+    assert!(saved.issuing.is_none() && saved.interrupted.is_empty());
+    let failure = saved.failure.as_ref().expect("a failure record");
+    assert_eq!((failure.attempts, failure.retryable), (1, false));
+    assert_eq!(failure.reason, "InvalidCredentials");
     let failed = last_body(&run, Method::PATCH, STATUS);
     let ready = condition(failed, "Ready");
     assert_eq!(ready["status"], "False");
@@ -703,35 +869,118 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
             .is_some_and(|m| m.contains("Invalid credentials given.")),
         "{ready}"
     );
-    assert_eq!(condition(failed, "Issuing")["status"], "False");
     assert_eq!(failed["status"]["failedAttempts"], 1);
     assert_eq!(failed["status"]["lastFailureMessage"], ready["message"]);
     let event = last_body(&run, Method::POST, EVENTS);
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "InvalidCredentials");
-    assert_eq!(event["note"], ready["message"]);
     run.assert_not_leaked(&SECRET_VALUES);
     assert_eq!(run.action(), &Action::await_change());
 
-    // Same credentials, status showing the failure: no new attempt at AWX, no write.
-    let token = fx::with_status(&token, failed);
+    // A reconcile of the cached object from before the failure (its own writes woke it, a
+    // restart, a resync): no new attempt, and its status write puts the failure back instead
+    // of erasing it.
+    h.restart();
     let run = h
         .reconcile(
             &token,
             vec![
-                get(STATE, Reply::not_found()),
+                get(STATE, Reply::object(stored_state.clone())),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    assert!(run.awx(Method::POST, "/api/o/token/").is_empty());
+    let rewritten = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(rewritten["status"]["failedAttempts"], 1);
+    assert_eq!(
+        condition(rewritten, "Ready")["reason"],
+        "InvalidCredentials"
+    );
+    assert_eq!(run.action(), &Action::await_change());
+
+    // With the status up to date: only reads.
+    let token = fx::with_status(&token, rewritten);
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(stored_state)),
                 get(TARGET, Reply::not_found()),
                 get(CREDENTIALS, Reply::object(fx::credentials())),
             ],
         )
         .await;
-    assert_eq!(
-        run.timeline(),
-        [
-            format!("k8s GET {STATE}"),
-            format!("k8s GET {TARGET}"),
-            format!("k8s GET {CREDENTIALS}"),
-        ]
-    );
+    assert_eq!(run.timeline().len(), 3, "{:?}", run.timeline());
     assert_eq!(run.action(), &Action::await_change());
+}
+
+#[tokio::test]
+async fn a_rotation_during_an_outage_tries_once_then_backs_off() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut token = world.token;
+    token
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(ROTATE_ANNOTATION.into(), "1".into());
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("<h1>Server Error (500)</h1>"))
+        .mount(h.awx())
+        .await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(world.state.clone())),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
+    let stored_state = fx::stored(last_body(&run, Method::PUT, STATE));
+    let saved = fx::state_of(&stored_state);
+    // A complete 500 created nothing: no marker kept, no warning about a lost token.
+    assert!(saved.issuing.is_none() && saved.interrupted.is_empty());
+    assert_eq!(
+        saved.failure.as_ref().unwrap().rotation.as_deref(),
+        Some("1")
+    );
+    assert_eq!(event_reason(&run), "AwxServerError");
+    // Ready stays True: the Secret's token still works. The failure has its own condition.
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert_eq!(condition(status, "RenewalFailed")["status"], "True");
+    assert_eq!(
+        condition(status, "RenewalFailed")["reason"],
+        "AwxServerError"
+    );
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(4)..=Duration::from_secs(6)).contains(&requeue),
+        "{requeue:?}"
+    );
+
+    // Woken at once again (its own writes): the rotation waits for the backoff.
+    let token = fx::with_status(&token, status);
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(stored_state)),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+            ],
+        )
+        .await;
+    assert_eq!(run.timeline().len(), 3, "{:?}", run.timeline());
 }

@@ -9,6 +9,7 @@
 mod support;
 mod chart;
 mod ops;
+mod reconciler;
 mod reliability;
 mod scenarios;
 
@@ -54,6 +55,12 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(awx_faults_give_clear_conditions_and_recover),
         scenario!(external_user_is_refused_with_a_clear_message),
         scenario!(expired_refresh_token_falls_back_to_the_grant),
+        scenario!(reconciler::storm_pending_rotation_during_an_outage_is_paced),
+        scenario!(reconciler::two_operators_without_election_keep_exactly_the_held_tokens),
+        scenario!(reconciler::a_recreated_awx_token_gets_its_own_token),
+        scenario!(reconciler::replaced_token_is_revoked_while_renewals_fail),
+        scenario!(reconciler::ten_refusals_are_ten_requests),
+        scenario!(reconciler::refresh_recovers_from_a_deleted_access_token),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Env, Operator, Standin, TestResult, condition, sha256_hex, wait_for};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An AwxToken manifest; `extra` is merged into spec.
 pub fn awx_token(ns: &str, name: &str, url: &str, grant: &str, creds: &str, extra: Value) -> Value {
@@ -358,7 +358,8 @@ pub async fn client_credentials_refused_by_awx_with_a_clear_message(env: Arc<Env
     let obj = wait_ready(&env, &s.ns, "cc", "False", Some("GrantNotSupported")).await?;
     let (_, _, message) = condition(&obj, "Ready").unwrap_or_default();
     ensure!(
-        message.contains("password grant") && message.contains("personal access token"),
+        message.contains("support only the password and authorization-code grants")
+            && message.contains("PersonalAccessToken"),
         "message must say what AWX supports: {message}"
     );
     ensure!(
@@ -593,7 +594,7 @@ pub async fn forced_rotation_and_suspend(env: Arc<Env>) -> TestResult {
         &s.ns,
         "awx-token-operator.io/rotate=two",
     ])?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    poke_and_wait_for_a_look(&env, &s.ns, "f", "suspended").await?;
     ensure_eq!(
         s.awx.requests_for(&s.user).await?.len(),
         before,
@@ -618,6 +619,32 @@ pub async fn forced_rotation_and_suspend(env: Arc<Env>) -> TestResult {
         s.awx.whoami(&third).await?,
         Some(s.user.clone()),
         "token after resume"
+    );
+
+    // Suspended again, then deleted: its tokens are still revoked.
+    env.apply(&awx_token(
+        &s.ns,
+        "f",
+        &s.awx.url,
+        "Password",
+        "creds",
+        json!({"suspend": true}),
+    ))?;
+    wait_ready(&env, &s.ns, "f", "True", Some("Suspended")).await?;
+    env.kubectl(&["delete", "awxt", "f", "-n", &s.ns, "--wait=false"])?;
+    wait_for("the AwxToken gone", READY_TIMEOUT, || async {
+        Ok(env.awx_token(&s.ns, "f").await?.is_none().then_some(()))
+    })
+    .await?;
+    ensure_eq!(
+        s.awx.whoami(&third).await?,
+        None,
+        "a suspended AwxToken's token is revoked on delete"
+    );
+    ensure_eq!(
+        s.awx.live_tokens(&s.user).await?,
+        Vec::<String>::new(),
+        "no token of the user left"
     );
     Ok(())
 }
@@ -696,6 +723,7 @@ pub async fn wrong_password_fails_without_hot_loop_and_keeps_secret(env: Arc<Env
         .secret_value(&s.ns, "w", "token")
         .await?
         .ok_or("no token")?;
+    let before = s.awx.requests_for(&s.user).await?.len();
 
     env.credentials(
         &s.ns,
@@ -707,8 +735,22 @@ pub async fn wrong_password_fails_without_hot_loop_and_keeps_secret(env: Arc<Env
             ("client_secret", &secret),
         ],
     )?;
-    let obj = wait_ready(&env, &s.ns, "w", "False", Some("InvalidCredentials")).await?;
-    let (_, _, message) = condition(&obj, "Ready").unwrap_or_default();
+    // The token in the Secret still works: Ready stays True, the failure has its own condition.
+    let obj = wait_condition(
+        &env,
+        &s.ns,
+        "w",
+        "RenewalFailed",
+        "True",
+        "InvalidCredentials",
+    )
+    .await?;
+    ensure_eq!(
+        condition(&obj, "Ready").map(|c| (c.0, c.1)),
+        Some(("True".to_string(), "TokenReady".to_string())),
+        "Ready while the renewal fails"
+    );
+    let (_, _, message) = condition(&obj, "RenewalFailed").unwrap_or_default();
     ensure!(
         message.contains("username or password"),
         "message names the cause: {message}"
@@ -717,13 +759,27 @@ pub async fn wrong_password_fails_without_hot_loop_and_keeps_secret(env: Arc<Env
         !message.contains("wrong-password-1"),
         "message leaks the password"
     );
-    let failed_at = s.awx.requests_for(&s.user).await?.len();
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    ensure_eq!(obj["status"]["failedAttempts"], 1, "failedAttempts");
+    // Wake it up again and again (the operator's own writes, edits of the object, a restart):
+    // one refusal is exactly one request until the credentials change.
+    let mut op = s.op;
+    for round in 0..3 {
+        if round == 2 {
+            op.restart()?;
+        }
+        poke_and_wait_for_a_look(&env, &s.ns, "w", &format!("look-{round}")).await?;
+    }
     let after = s.awx.requests_for(&s.user).await?.len();
-    ensure!(
-        after - failed_at <= 1,
-        "{} more AWX requests in a minute after a credential error",
-        after - failed_at
+    ensure_eq!(
+        after - before,
+        1,
+        "AWX requests for the wrong password, woken 3 times and restarted once"
+    );
+    let obj = env.awx_token(&s.ns, "w").await?.ok_or("gone")?;
+    ensure_eq!(
+        obj["status"]["failedAttempts"],
+        1,
+        "failedAttempts after a restart"
     );
     let now = env.secret(&s.ns, "w").await?.ok_or("Secret gone")?;
     ensure_eq!(now.data, good.data, "the Secret keeps its last good token");
@@ -733,6 +789,60 @@ pub async fn wrong_password_fails_without_hot_loop_and_keeps_secret(env: Arc<Env
         "the last good token still works"
     );
     Ok(())
+}
+
+/// Waits until condition `type_` of the AwxToken has `status` and `reason`.
+pub async fn wait_condition(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> Result<Value, String> {
+    wait_for(
+        &format!("{ns}/{name} {type_}={status} {reason}"),
+        READY_TIMEOUT,
+        || async {
+            let Some(obj) = env.awx_token(ns, name).await? else {
+                return Ok(None);
+            };
+            Ok(condition(&obj, type_)
+                .filter(|(s, r, _)| s == status && r == reason)
+                .map(|_| obj))
+        },
+    )
+    .await
+}
+
+/// Changes the AwxToken's spec (a label of its Secret) and waits until its status reports the
+/// new generation: proof that the operator looked at it since, whatever it decided.
+pub async fn poke_and_wait_for_a_look(env: &Env, ns: &str, name: &str, value: &str) -> TestResult {
+    let patch = json!({"spec": {"secret": {"labels": {"e2e.awx-token-operator.io/poke": value}}}});
+    env.kubectl(&[
+        "patch",
+        "awxt",
+        name,
+        "-n",
+        ns,
+        "--type",
+        "merge",
+        "-p",
+        &patch.to_string(),
+    ])?;
+    wait_for(
+        &format!("{ns}/{name} to be looked at after poke {value}"),
+        READY_TIMEOUT,
+        || async {
+            let Some(obj) = env.awx_token(ns, name).await? else {
+                return Ok(None);
+            };
+            let generation = obj["metadata"]["generation"].as_i64();
+            let seen = obj["status"]["observedGeneration"].as_i64();
+            Ok((generation.is_some() && seen == generation).then_some(()))
+        },
+    )
+    .await
 }
 
 pub async fn awx_down_then_back_recovers(env: Arc<Env>) -> TestResult {
@@ -750,13 +860,18 @@ pub async fn awx_down_then_back_recovers(env: Arc<Env>) -> TestResult {
         )
         .await?;
     s.awx.stop();
-    let obj = wait_ready(&env, &s.ns, "d", "False", Some("AwxUnreachable")).await?;
+    let obj = wait_condition(&env, &s.ns, "d", "RenewalFailed", "True", "AwxUnreachable").await?;
+    ensure_eq!(
+        condition(&obj, "Ready").map(|c| c.0),
+        Some("True".to_string()),
+        "Ready while AWX is down: the Secret's token still works"
+    );
     ensure_eq!(
         env.secret_value(&s.ns, "d", "token").await?,
         Some(before.clone()),
         "Secret keeps its token while AWX is down"
     );
-    let (_, _, message) = condition(&obj, "Ready").unwrap_or_default();
+    let (_, _, message) = condition(&obj, "RenewalFailed").unwrap_or_default();
     ensure!(
         message.contains("127.0.0.1"),
         "message names the host: {message}"
@@ -771,14 +886,14 @@ pub async fn awx_down_then_back_recovers(env: Arc<Env>) -> TestResult {
     )
     .await?;
     s.awx.restart()?;
-    wait_ready(&env, &s.ns, "d", "True", Some("TokenReady")).await?;
+    wait_condition(&env, &s.ns, "d", "RenewalFailed", "False", "Renewing").await?;
     let after = wait_token(&env, &s.ns, "d", Some(&before)).await?;
     ensure_eq!(
         s.awx.whoami(&after).await?,
         Some(s.user.clone()),
         "token after recovery works"
     );
-    let obj = env.awx_token(&s.ns, "d").await?.unwrap_or_default();
+    let obj = wait_ready(&env, &s.ns, "d", "True", Some("TokenReady")).await?;
     ensure!(
         obj["status"]["failedAttempts"].is_null(),
         "failedAttempts reset: {}",
@@ -1025,6 +1140,18 @@ pub async fn invalid_spec_and_conflicts_are_reported(env: Arc<Env>) -> TestResul
         env.secret_value(&s.ns, "taken", "token").await?,
         Some("someone-elses-value".into()),
         "foreign Secret untouched"
+    );
+    // No polling: the conflict waits for the Secret to change, and its deletion heals it.
+    env.kubectl(&["delete", "secret", "taken", "-n", &s.ns])?;
+    wait_ready(&env, &s.ns, "conflict", "True", Some("TokenReady")).await?;
+    let token = env
+        .secret_value(&s.ns, "taken", "token")
+        .await?
+        .ok_or("no token in the freed Secret")?;
+    ensure_eq!(
+        s.awx.whoami(&token).await?,
+        Some(s.user.clone()),
+        "the freed Secret holds a working token"
     );
     Ok(())
 }

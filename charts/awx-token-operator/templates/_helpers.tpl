@@ -78,11 +78,12 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
   verbs: ["patch"]
 # Secrets: get reads the credentials and CA-bundle Secrets named by AwxTokens and the Secrets
 # the operator owns; list and watch follow Secret metadata only (never data) to notice changed
-# credentials and repair owned Secrets; create and patch write the token Secrets and the
-# awx-token-operator-state-<name> Secrets with server-side apply.
+# credentials and repair owned Secrets; patch writes the token Secrets with server-side apply;
+# create and update write the awx-token-operator-state-<name> Secrets, each update
+# conditional on the version read (so two operator processes never overwrite each other).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "update", "patch"]
 {{- if .Values.rbac.ownerReferencesPermissionEnforcement }}
 # The OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) lets only who may
 # delete a Secret change its ownerReferences, as the operator does when an AwxToken's

@@ -1,0 +1,244 @@
+//! What the reconciler asks of AWX, as a trait: the operator runs it with the AWX client
+//! ([`AwxPool`]); the simulation tests run it against an AWX in memory.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::{
+    awx::{
+        AwxClient, AwxError, AwxUser, ClientCredentials, Endpoint, Flavor, IssuedToken,
+        RequestLimits, RequestObserver, RevocationCredentials, Scope, TokenGrant, TokenToRevoke,
+    },
+    crd::FlavorSpec,
+};
+
+/// Where an AWX is and how to reach it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    pub url: Url,
+    /// Host and port: requests are limited per host.
+    pub host: String,
+    pub insecure_skip_tls_verify: bool,
+    pub timeout: Duration,
+    pub ca_bundle: Option<Vec<u8>>,
+}
+
+/// The AWX side of a reconcile. Every method is one or a few requests to AWX.
+pub trait AwxApi: Send + Sync {
+    /// The flavour to speak: as asked, or detected once per URL.
+    fn flavor(
+        &self,
+        at: &Connection,
+        wanted: FlavorSpec,
+    ) -> impl Future<Output = Result<Flavor, AwxError>> + Send;
+
+    fn issue(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        grant: &TokenGrant,
+        scope: Scope,
+    ) -> impl Future<Output = Result<IssuedToken, AwxError>> + Send;
+
+    fn refresh(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        client: &ClientCredentials,
+        refresh_token: &SecretString,
+        scope: Scope,
+    ) -> impl Future<Output = Result<IssuedToken, AwxError>> + Send;
+
+    /// Revokes and checks that the token no longer works.
+    fn revoke(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        token: &TokenToRevoke,
+        creds: &RevocationCredentials,
+    ) -> impl Future<Output = Result<(), AwxError>> + Send;
+
+    fn whoami(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        token: &SecretString,
+    ) -> impl Future<Output = Result<AwxUser, AwxError>> + Send;
+
+    /// Ids of the user's tokens whose description carries `tag`.
+    fn find_tagged_tokens(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        tag: &str,
+    ) -> impl Future<Output = Result<Vec<u64>, AwxError>> + Send;
+
+    fn delete_token_with_login(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        id: u64,
+        username: &str,
+        password: &SecretString,
+    ) -> impl Future<Output = Result<(), AwxError>> + Send;
+}
+
+/// AWX clients and per-host request limits, shared by all AwxTokens.
+pub struct AwxPool {
+    clients: Mutex<HashMap<String, AwxClient>>,
+    limits: Mutex<HashMap<String, RequestLimits>>,
+    /// Detected flavour per URL; one detection at a time per URL, however many tokens wait.
+    flavors: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Flavor>>>>,
+    max_rps: Option<NonZeroU32>,
+    max_in_flight: Option<usize>,
+    observer: Arc<dyn RequestObserver>,
+}
+
+impl AwxPool {
+    pub fn new(
+        max_rps: Option<NonZeroU32>,
+        max_in_flight: Option<usize>,
+        observer: Arc<dyn RequestObserver>,
+    ) -> Self {
+        Self {
+            clients: Mutex::default(),
+            limits: Mutex::default(),
+            flavors: Mutex::default(),
+            max_rps,
+            max_in_flight,
+            observer,
+        }
+    }
+
+    fn client(&self, at: &Connection) -> Result<AwxClient, AwxError> {
+        let mut key = Sha256::new();
+        key.update(at.url.as_str());
+        key.update([u8::from(at.insecure_skip_tls_verify)]);
+        key.update(at.timeout.as_millis().to_be_bytes());
+        if let Some(ca) = &at.ca_bundle {
+            key.update(ca);
+        }
+        let key = hex::encode(key.finalize());
+        if let Some(client) = lock(&self.clients).get(&key) {
+            return Ok(client.clone());
+        }
+        let limits = lock(&self.limits)
+            .entry(at.host.clone())
+            .or_insert_with(|| RequestLimits::new(self.max_rps, self.max_in_flight))
+            .clone();
+        let client = AwxClient::new(
+            Endpoint {
+                base_url: at.url.clone(),
+                ca_bundle_pem: at.ca_bundle.clone(),
+                insecure_skip_tls_verify: at.insecure_skip_tls_verify,
+                timeout: at.timeout,
+            },
+            limits,
+            Some(self.observer.clone()),
+        )?;
+        lock(&self.clients).insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AwxApi for AwxPool {
+    async fn flavor(&self, at: &Connection, wanted: FlavorSpec) -> Result<Flavor, AwxError> {
+        match wanted {
+            FlavorSpec::Controller => Ok(Flavor::Controller),
+            FlavorSpec::Gateway => Ok(Flavor::Gateway),
+            FlavorSpec::Auto => {
+                let client = self.client(at)?;
+                let cell = lock(&self.flavors)
+                    .entry(at.url.to_string())
+                    .or_default()
+                    .clone();
+                cell.get_or_try_init(|| client.detect_flavor())
+                    .await
+                    .copied()
+            }
+        }
+    }
+
+    async fn issue(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        grant: &TokenGrant,
+        scope: Scope,
+    ) -> Result<IssuedToken, AwxError> {
+        self.client(at)?.issue(flavor, grant, scope).await
+    }
+
+    async fn refresh(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        client: &ClientCredentials,
+        refresh_token: &SecretString,
+        scope: Scope,
+    ) -> Result<IssuedToken, AwxError> {
+        self.client(at)?
+            .refresh(flavor, client, refresh_token, scope)
+            .await
+    }
+
+    async fn revoke(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        token: &TokenToRevoke,
+        creds: &RevocationCredentials,
+    ) -> Result<(), AwxError> {
+        self.client(at)?.revoke(flavor, token, creds).await
+    }
+
+    async fn whoami(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        token: &SecretString,
+    ) -> Result<AwxUser, AwxError> {
+        self.client(at)?.whoami(flavor, token).await
+    }
+
+    async fn find_tagged_tokens(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        tag: &str,
+    ) -> Result<Vec<u64>, AwxError> {
+        self.client(at)?
+            .find_tagged_tokens(flavor, username, password, tag)
+            .await
+    }
+
+    async fn delete_token_with_login(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        id: u64,
+        username: &str,
+        password: &SecretString,
+    ) -> Result<(), AwxError> {
+        self.client(at)?
+            .delete_token_with_login(flavor, id, username, password)
+            .await
+    }
+}

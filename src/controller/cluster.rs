@@ -1,0 +1,228 @@
+//! What the reconciler reads and writes in Kubernetes, as a trait: the operator runs it on
+//! the API server ([`KubeCluster`]); the simulation tests run it in memory.
+
+use std::future::Future;
+
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    core::v1::Secret,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
+};
+use tracing::warn;
+
+use super::FIELD_MANAGER;
+use crate::{
+    Error,
+    crd::{AwxToken, AwxTokenStatus, RolloutRestartTarget, WorkloadKind},
+};
+
+/// An event about an AwxToken. The note never holds a secret value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+impl Event {
+    pub fn normal(reason: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            reason,
+            note: note.into(),
+        }
+    }
+    pub fn warning(reason: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            reason,
+            note: note.into(),
+        }
+    }
+}
+
+/// The Kubernetes side of a reconcile. Writes that must not overwrite what they did not read
+/// fail with [`Error::Conflict`].
+pub trait Cluster: Send + Sync {
+    fn get_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Secret>, Error>> + Send;
+
+    /// Creates `secret`; an existing one of that name is a conflict.
+    fn create_secret(&self, secret: &Secret) -> impl Future<Output = Result<Secret, Error>> + Send;
+
+    /// Replaces `secret`, if its `resourceVersion` is still the stored one.
+    fn replace_secret(&self, secret: &Secret)
+    -> impl Future<Output = Result<Secret, Error>> + Send;
+
+    /// Server-side apply (forced, under the operator's field manager); with a
+    /// `resourceVersion` set, only if the stored object still has it.
+    fn apply_secret(&self, secret: &Secret) -> impl Future<Output = Result<Secret, Error>> + Send;
+
+    /// Writes the status subresource.
+    fn apply_status(
+        &self,
+        token: &AwxToken,
+        status: &AwxTokenStatus,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Publishes an event about `token`; failing to is only logged.
+    fn publish(&self, token: &AwxToken, event: Event) -> impl Future<Output = ()> + Send;
+
+    /// Restarts a workload by stamping its pod template.
+    fn restart(
+        &self,
+        namespace: &str,
+        target: &RolloutRestartTarget,
+        stamp: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// The API server.
+pub struct KubeCluster {
+    client: Client,
+    recorder: Recorder,
+}
+
+impl KubeCluster {
+    pub fn new(client: Client, instance: Option<String>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance,
+            },
+        );
+        Self { client, recorder }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// A 409 (a precondition or an existing object) as [`Error::Conflict`].
+fn conflict_or(e: kube::Error, what: &str) -> Error {
+    match &e {
+        kube::Error::Api(status) if status.code == 409 => Error::Conflict(what.to_string()),
+        _ => Error::Kube(e),
+    }
+}
+
+fn namespace_of(secret: &Secret) -> String {
+    secret.namespace().unwrap_or_default()
+}
+
+impl Cluster for KubeCluster {
+    async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
+        Ok(self.secrets(namespace).get_opt(name).await?)
+    }
+
+    async fn create_secret(&self, secret: &Secret) -> Result<Secret, Error> {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        self.secrets(&namespace_of(secret))
+            .create(&params, secret)
+            .await
+            .map_err(|e| conflict_or(e, &format!("Secret {} exists", secret.name_any())))
+    }
+
+    async fn replace_secret(&self, secret: &Secret) -> Result<Secret, Error> {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PostParams::default()
+        };
+        self.secrets(&namespace_of(secret))
+            .replace(&secret.name_any(), &params, secret)
+            .await
+            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))
+    }
+
+    async fn apply_secret(&self, secret: &Secret) -> Result<Secret, Error> {
+        self.secrets(&namespace_of(secret))
+            .patch(
+                &secret.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(secret),
+            )
+            .await
+            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))
+    }
+
+    async fn apply_status(&self, token: &AwxToken, status: &AwxTokenStatus) -> Result<(), Error> {
+        let api: Api<AwxToken> =
+            Api::namespaced(self.client.clone(), &token.namespace().unwrap_or_default());
+        let body = serde_json::json!({
+            "apiVersion": AwxToken::api_version(&()),
+            "kind": AwxToken::kind(&()),
+            "status": status,
+        });
+        api.patch_status(
+            &token.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn publish(&self, token: &AwxToken, event: Event) {
+        let event = KubeEvent {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.into(),
+            note: Some(event.note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &token.object_ref(&())).await {
+            warn!(error = %e, "could not publish event");
+        }
+    }
+
+    async fn restart(
+        &self,
+        namespace: &str,
+        target: &RolloutRestartTarget,
+        stamp: &str,
+    ) -> Result<(), Error> {
+        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
+            "awx-token-operator.io/restartedAt": stamp,
+        }}}}});
+        let params = PatchParams::default();
+        let client = self.client.clone();
+        match target.kind {
+            WorkloadKind::Deployment => {
+                Api::<Deployment>::namespaced(client, namespace)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+            WorkloadKind::StatefulSet => {
+                Api::<StatefulSet>::namespaced(client, namespace)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+            WorkloadKind::DaemonSet => {
+                Api::<DaemonSet>::namespaced(client, namespace)
+                    .patch(&target.name, &params, &Patch::Merge(&patch))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}

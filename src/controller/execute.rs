@@ -1,0 +1,1150 @@
+//! Carrying out the plan: one step at a time, each write to the state Secret conditional on
+//! the version read, in an order that survives a crash between any two writes:
+//!
+//! - a request marker is written before every token request, and cleared by the write that
+//!   records the answer (so a crash leaves a marker, and the token it may have produced is
+//!   looked for);
+//! - a new token is written to the state before it reaches the target Secret (so a token in
+//!   a Secret is always one the state can revoke);
+//! - a replaced token is revoked only after its grace period, counted from when the target
+//!   Secret held its successor.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::{ResourceExt, runtime::controller::Action};
+use tracing::{debug, info, warn};
+
+use super::{
+    Clock, Settings,
+    awx_api::{AwxApi, Connection},
+    cluster::{Cluster, Event},
+    observe::{self, Observed},
+    plan::{self, Backoff, Blocker, Facts, Next, Obtain, Target, Trigger, Wake},
+    status,
+};
+use crate::{
+    Error,
+    awx::{AwxError, Flavor, IssuedToken, Outcome, Scope, TokenKind},
+    crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec},
+    metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, TokenLabels},
+    schedule,
+    secrets::{self, Ownership},
+    spec::ValidSpec,
+    state::{FailureRecord, HeldToken, IssueIntent, Sensitive, TokenRecord, TokenState},
+};
+
+/// Steps one reconcile may take; a plan that does not settle within them is a bug, and the
+/// reconcile stops rather than loop.
+const MAX_STEPS: usize = 32;
+
+/// Writes of the state Secret retried after a conflict (each after reading it again).
+const MAX_CONFLICT_RETRIES: usize = 5;
+
+/// What a reconcile runs against.
+pub struct Env<'a, C, A, K> {
+    pub cluster: &'a C,
+    pub awx: &'a A,
+    pub clock: &'a K,
+    pub settings: &'a Settings,
+    pub metrics: &'a Metrics,
+}
+
+/// How a reconcile of an existing AwxToken ended.
+pub struct Applied {
+    pub action: Action,
+    /// The delay `action` asks for (`None`: wait for a change).
+    pub requeue_after: Option<Duration>,
+    /// A failure holds the next attempt back (for the objects-in-backoff gauge).
+    pub in_backoff: bool,
+    /// For the schedule metrics: AWX's expiry and the renewal time (unix seconds).
+    pub schedule: Option<(Option<f64>, f64)>,
+}
+
+/// Brings an existing AwxToken to what its spec asks for.
+pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
+    token: &AwxToken,
+    env: &Env<'_, C, A, K>,
+) -> Result<Applied, Error> {
+    let seen = observe::observe(token, env.cluster).await?;
+    let mut run = Run { token, env, seen };
+    for _ in 0..MAX_STEPS {
+        let now = env.clock.now();
+        let next = plan::next(&run.facts(now));
+        debug!(?next, "next step");
+        match next {
+            Next::Done(wake) => return run.finish(now, wake).await,
+            step => run.step(step, now).await?,
+        }
+    }
+    warn!("the plan did not settle; looking again shortly");
+    Ok(Applied {
+        action: Action::requeue(Duration::from_secs(1)),
+        requeue_after: Some(Duration::from_secs(1)),
+        in_backoff: false,
+        schedule: None,
+    })
+}
+
+/// Revokes every token of an AwxToken being deleted. `Ok` means the finalizer may go.
+pub async fn cleanup<C: Cluster, A: AwxApi, K: Clock>(
+    token: &AwxToken,
+    env: &Env<'_, C, A, K>,
+) -> Result<(), Error> {
+    let seen = observe::observe(token, env.cluster).await?;
+    let mut run = Run { token, env, seen };
+    for _ in 0..MAX_STEPS {
+        let now = env.clock.now();
+        match plan::next_on_delete(&run.facts(now)) {
+            Next::Done(Wake::OnChange) => {
+                info!("revoked every token of the deleted AwxToken");
+                return Ok(());
+            }
+            Next::Done(Wake::At(at)) => return Err(run.stuck_deletion(now, at).await),
+            step => run.step(step, now).await?,
+        }
+    }
+    Err(Error::Conflict("the deletion did not settle".into()))
+}
+
+struct Run<'a, C, A, K> {
+    token: &'a AwxToken,
+    env: &'a Env<'a, C, A, K>,
+    seen: Observed,
+}
+
+/// A state edit that cannot be applied to the state as it now is.
+struct Abandon(&'static str);
+
+impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
+    fn facts(&self, now: Timestamp) -> Facts<'_> {
+        let settings = self.env.settings;
+        Facts {
+            now,
+            uid: self.uid(),
+            spec: &self.token.spec,
+            valid: self.seen.valid.as_ref(),
+            allowed_hosts: settings.allowed_hosts.as_deref(),
+            rotate: self
+                .token
+                .annotations()
+                .get(ROTATE_ANNOTATION)
+                .map(String::as_str),
+            state: &self.seen.state,
+            predecessor_state: self.seen.predecessor_state,
+            target: self.target_fact(),
+            inputs: match &self.seen.inputs {
+                Ok(i) => Ok(plan::Inputs {
+                    fingerprint: &i.fingerprint,
+                    client_id: i.client.as_ref().map(|c| c.client_id.as_str()),
+                    user_login: i.username.is_some() && i.password.is_some(),
+                }),
+                Err(r) => Err(Blocker {
+                    reason: r.reason,
+                    message: &r.message,
+                }),
+            },
+            backoff: Backoff {
+                base: settings.backoff_base,
+                max: settings.backoff_max,
+            },
+            holder: &settings.identity,
+        }
+    }
+
+    fn uid(&self) -> &str {
+        self.token.metadata.uid.as_deref().unwrap_or_default()
+    }
+
+    fn namespace(&self) -> String {
+        self.token.namespace().unwrap_or_default()
+    }
+
+    fn target_fact(&self) -> Target {
+        match &self.seen.target_ownership {
+            Ownership::Foreign(why) => Target::Foreign(why.clone()),
+            ownership => Target::Writable {
+                up_to_date: *ownership == Ownership::Ours
+                    && self.seen.state.current.as_ref().is_some_and(|c| {
+                        secrets::up_to_date(
+                            self.seen.target.as_ref(),
+                            &secrets::render_target(self.token, c.token.access_token.expose()),
+                        )
+                    }),
+            },
+        }
+    }
+
+    /// Whether the target Secret holds the current token's value (whatever else differs).
+    fn target_holds_current(&self) -> bool {
+        match (&self.seen.target, &self.seen.state.current) {
+            (Some(secret), Some(current)) => {
+                self.seen.target_ownership == Ownership::Ours
+                    && secrets::token_in(secret, self.token).as_deref()
+                        == Some(current.token.access_token.expose())
+            }
+            _ => false,
+        }
+    }
+
+    async fn step(&mut self, step: Next, now: Timestamp) -> Result<(), Error> {
+        match step {
+            Next::DiscardPredecessorState => self.discard_predecessor_state().await,
+            Next::ClaimInterrupted => self.claim_interrupted().await,
+            Next::Search(i) => self.search(i, now).await,
+            Next::Obtain(obtain) => self.obtain(obtain).await,
+            Next::WriteTarget => self.write_target(now).await,
+            Next::Revoke(i) => self.revoke(i).await,
+            Next::Verify => self.verify().await,
+            Next::RetireCurrent => {
+                // In memory only: the write that records its revocation (or the failure to)
+                // stores it. Should that write meet a conflict, the state read again still
+                // holds the token as current, and it is retired again.
+                let state = &mut self.seen.state;
+                if let Some(current) = state.current.take() {
+                    state.retiring.push(current.retire(now));
+                }
+                Ok(())
+            }
+            Next::Done(_) => Ok(()),
+        }
+    }
+
+    // ------------------------------------------------------------------ the state Secret
+
+    /// Applies `edit` to the state and writes it, conditional on the version read. On a
+    /// conflict the state is read again and `edit` applied to that, so nothing another writer
+    /// recorded is lost. Returns what `edit` returned (from its last, written, application).
+    async fn edit_state<R>(
+        &mut self,
+        mut edit: impl FnMut(&mut TokenState) -> Result<R, Abandon>,
+    ) -> Result<R, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let mut next = self.seen.state.clone();
+            let result = edit(&mut next).map_err(|Abandon(why)| Error::Conflict(why.into()))?;
+            if next == self.seen.state {
+                return Ok(result);
+            }
+            let mut desired = secrets::render_state(self.token, &next);
+            let written = match &self.seen.stored {
+                Some(stored) => {
+                    desired.metadata.resource_version = stored.metadata.resource_version.clone();
+                    self.env.cluster.replace_secret(&desired).await
+                }
+                None => self.env.cluster.create_secret(&desired).await,
+            };
+            match written {
+                Ok(stored) => {
+                    self.seen.state = next;
+                    self.seen.stored = Some(stored);
+                    return Ok(result);
+                }
+                Err(Error::Conflict(why)) => {
+                    debug!(%why, "the state changed since it was read; reading it again");
+                    let (state, stored, predecessor) =
+                        observe::read_state(self.token, self.env.cluster).await?;
+                    if predecessor {
+                        return Err(Error::Conflict(why));
+                    }
+                    self.seen.state = state;
+                    self.seen.stored = stored;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict("the state Secret keeps changing".into()))
+    }
+
+    /// Forgets the state an earlier AwxToken of this name left: its tokens are not this
+    /// object's (its finalizer revoked them, or was told not to). The Secret is taken over by
+    /// the next state write, a replace conditional on the version read (so no right to delete
+    /// Secrets is needed, and a Secret that changed meanwhile is not overwritten).
+    async fn discard_predecessor_state(&mut self) -> Result<(), Error> {
+        info!("ignoring the state Secret an earlier AwxToken of this name left");
+        self.seen.state = TokenState::default();
+        self.seen.predecessor_state = false;
+        Ok(())
+    }
+
+    async fn claim_interrupted(&mut self) -> Result<(), Error> {
+        warn!("a token request was interrupted before its answer was recorded");
+        self.edit_state(|s| {
+            if let Some(marker) = s.issuing.take() {
+                if marker.refresh
+                    && let Some(current) = s.current.as_mut()
+                {
+                    current.refresh_broken = true;
+                }
+                s.interrupted.push(marker);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------------ AWX
+
+    /// Where a token issued at `url` (or the spec's AWX) is reached, with the spec's TLS
+    /// settings and timeout.
+    fn connection(&self, url: Option<&str>) -> Result<Connection, AwxError> {
+        let url = match (url, &self.seen.valid) {
+            (Some(u), _) => url::Url::parse(u).map_err(|e| AwxError::InvalidEndpoint {
+                detail: format!("the URL that issued the token is unreadable: {e}"),
+            })?,
+            (None, Ok(valid)) => valid.url.clone(),
+            (None, Err(e)) => {
+                return Err(AwxError::InvalidEndpoint {
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let awx = &self.token.spec.awx;
+        Ok(Connection {
+            host: crate::spec::host_of(&url),
+            url,
+            insecure_skip_tls_verify: awx.insecure_skip_tls_verify,
+            timeout: Duration::from_secs(u64::from(awx.timeout_seconds.clamp(1, 300))),
+            ca_bundle: self.seen.ca_bundle.clone(),
+        })
+    }
+
+    fn valid(&self) -> Result<&ValidSpec, Error> {
+        self.seen
+            .valid
+            .as_ref()
+            .map_err(|e| Error::Conflict(format!("the spec became invalid: {e}")))
+    }
+
+    async fn obtain(&mut self, obtain: Obtain) -> Result<(), Error> {
+        let token = self.token;
+        let valid = self.valid()?.clone();
+        let Ok(inputs) = self.seen.inputs.clone() else {
+            return Ok(());
+        };
+        info!(reason = obtain.trigger.describe(), "AWX request due");
+        let at = match self.connection(None) {
+            Ok(at) => at,
+            Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+        };
+        let flavor = match self.env.awx.flavor(&at, token.spec.awx.flavor).await {
+            Ok(f) => f,
+            Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+        };
+        let now = self.env.clock.now();
+        let marker = IssueIntent {
+            tag: format!("awxto-{:016x}", rand::random::<u64>()),
+            started_at: now,
+            personal: token.spec.grant.type_ == GrantType::PersonalAccessToken,
+            gateway: flavor == Flavor::Gateway,
+            refresh: obtain.refresh,
+            holder: self.env.settings.identity.clone(),
+            search_attempts: 0,
+            search_after: None,
+        };
+        // Recorded before the request, so that a crash in the middle leaves a trace of it.
+        self.edit_state(|s| {
+            if s.issuing.is_some() {
+                return Err(Abandon("another process is requesting a token"));
+            }
+            s.issuing = Some(marker.clone());
+            Ok(())
+        })
+        .await?;
+
+        let scope = scope(token.spec.grant.scope);
+        let mut refreshed = false;
+        let mut refresh_broken = false;
+        // A request of this attempt whose answer was lost: AWX may hold its token, so the
+        // marker is kept as interrupted whatever the next request brings.
+        let mut lost_answer = false;
+        let mut result = Err(AwxError::MissingCredentials {
+            detail: "no request was made".into(),
+        });
+        if obtain.refresh
+            && let (Some(current), Some(client)) = (&self.seen.state.current, &inputs.client)
+            && let Some(refresh) = &current.token.refresh_token
+        {
+            result = self
+                .env
+                .awx
+                .refresh(
+                    &at,
+                    current.token.flavor(),
+                    client,
+                    &refresh.to_secret(),
+                    scope,
+                )
+                .await;
+            match &result {
+                Ok(_) => refreshed = true,
+                // The chain is dead (refused, expired), or AWX failed on it (a 5xx: the refresh
+                // token of a deleted access token makes AWX fail like that every time), or the
+                // answer was lost (the refresh may have rotated it): only the grant helps.
+                Err(e)
+                    if e.requires_reissue()
+                        || e.outcome() == Outcome::Unknown
+                        || matches!(e, AwxError::AwxServerError { .. }) =>
+                {
+                    info!(error = %e, "refresh failed; issuing a new token with the grant");
+                    refresh_broken = true;
+                    lost_answer = e.outcome() == Outcome::Unknown;
+                }
+                Err(_) => {}
+            }
+        }
+        if !refreshed && (!obtain.refresh || refresh_broken) {
+            result = self
+                .env
+                .awx
+                .issue(&at, flavor, &inputs.grant(token, &marker.tag), scope)
+                .await;
+        }
+        match result {
+            Ok(issued) => {
+                let got = Obtained {
+                    issued,
+                    flavor,
+                    refreshed,
+                    lost_answer,
+                };
+                self.install(&obtain, &marker, got, &valid, &at).await
+            }
+            Err(e) => {
+                self.record_failure(&obtain, Some(&marker), e, refresh_broken, lost_answer)
+                    .await
+            }
+        }
+    }
+
+    /// Records a new token, the marker cleared (or kept as interrupted when an earlier request
+    /// of the attempt lost its answer), in one write.
+    async fn install(
+        &mut self,
+        obtain: &Obtain,
+        marker: &IssueIntent,
+        got: Obtained,
+        valid: &ValidSpec,
+        at: &Connection,
+    ) -> Result<(), Error> {
+        let Obtained {
+            issued,
+            flavor,
+            refreshed,
+            lost_answer,
+        } = got;
+        let token = self.token;
+        let now = self.env.clock.now();
+        let Ok(inputs) = self.seen.inputs.clone() else {
+            return Ok(());
+        };
+        let previous_user = self
+            .seen
+            .state
+            .current
+            .as_ref()
+            .and_then(|c| c.user.clone());
+        let mut held = held_token(
+            &issued,
+            flavor,
+            valid,
+            &inputs,
+            refreshed,
+            previous_user,
+            now,
+        );
+        held.renewal_time = plan::renewal_time(self.uid(), &held, valid);
+        let rotate = token.annotations().get(ROTATE_ANNOTATION).cloned();
+        let grace_end = schedule::add(now, valid.revoke_grace_period);
+        let mut written = Err(Error::Conflict(String::new()));
+        // A failed write (other than a conflict) is tried again a few times: the token exists
+        // and only this process knows it.
+        for _ in 0..3 {
+            written = self
+                .edit_state(|s| {
+                    if s.issuing.as_ref().map(|m| &m.tag) != Some(&marker.tag) {
+                        // Another process took this request for interrupted: the token never
+                        // reaches the Secret, so it goes at once.
+                        s.retiring.push(held.retire(now));
+                        return Ok(false);
+                    }
+                    let marker = s.issuing.take();
+                    if lost_answer {
+                        s.interrupted.extend(marker);
+                    }
+                    if let Some(previous) = s.current.take()
+                        && !refreshed
+                    {
+                        // A rejected token is dead already; any other one may be in use.
+                        let after = if previous.rejected_at.is_some() {
+                            now
+                        } else {
+                            grace_end
+                        };
+                        s.retiring.push(previous.retire(after));
+                    }
+                    s.current = Some(held.clone());
+                    s.failure = None;
+                    match &obtain.trigger {
+                        Trigger::Forced(value) => s.rotated_for = Some(value.clone()),
+                        // An annotation present at creation asks for nothing beyond the first
+                        // issue.
+                        Trigger::Initial => s.rotated_for = rotate.clone(),
+                        _ => {}
+                    }
+                    Ok(true)
+                })
+                .await;
+            match &written {
+                Ok(_) | Err(Error::Conflict(_)) => break,
+                Err(e) => warn!(error = %e, "could not record the new token; trying again"),
+            }
+        }
+        let installed = match written {
+            Ok(installed) => installed,
+            Err(e) => {
+                // Never leave a token nobody can revoke: give it back.
+                let to_revoke = held.token.to_revoke();
+                let creds = held.token.revocation(&inputs.revocation());
+                if let Err(revoke_error) = self
+                    .env
+                    .awx
+                    .revoke(at, held.token.flavor(), &to_revoke, &creds)
+                    .await
+                {
+                    warn!(error = %revoke_error, "could not give back a token that could not be recorded");
+                }
+                return Err(e);
+            }
+        };
+        if !installed {
+            warn!("another operator process took this token request for interrupted");
+            return Ok(());
+        }
+        let labels = TokenLabels {
+            grant: grant_label(token.spec.grant.type_),
+            flavor: flavor.as_str(),
+        };
+        let metrics = self.env.metrics;
+        metrics.tokens_issued.get_or_create(&labels).inc();
+        if obtain.trigger.is_renewal() {
+            metrics.tokens_renewed.get_or_create(&labels).inc();
+        }
+        let (reason, what) = match (&obtain.trigger, refreshed) {
+            (_, true) => ("TokenRefreshed", "Token refreshed"),
+            (Trigger::Initial, _) => ("TokenIssued", "Token issued"),
+            (Trigger::InputsChanged, _) => ("TokenReissued", "Token re-issued"),
+            _ => ("TokenRenewed", "Token renewed"),
+        };
+        self.env
+            .cluster
+            .publish(
+                token,
+                Event::normal(reason, format!("{what} ({})", obtain.trigger.describe())),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Records a failed attempt (clearing the marker unless AWX may have created a token).
+    async fn record_failure(
+        &mut self,
+        obtain: &Obtain,
+        marker: Option<&IssueIntent>,
+        error: AwxError,
+        refresh_broken: bool,
+        lost_answer: bool,
+    ) -> Result<(), Error> {
+        let now = self.env.clock.now();
+        let reason = error.reason();
+        let message = error.to_string();
+        let fingerprint = self
+            .seen
+            .inputs
+            .as_ref()
+            .map(|i| i.fingerprint.clone())
+            .unwrap_or_default();
+        let rotation = self.token.annotations().get(ROTATE_ANNOTATION).cloned();
+        let unknown = lost_answer || error.outcome() == Outcome::Unknown;
+        warn!(reason, error = %message, unknown, "AWX request failed");
+        self.edit_state(|s| {
+            if let Some(marker) = marker
+                && s.issuing.as_ref().map(|m| &m.tag) == Some(&marker.tag)
+            {
+                let marker = s.issuing.take();
+                if unknown {
+                    s.interrupted.extend(marker);
+                }
+            }
+            if refresh_broken && let Some(current) = s.current.as_mut() {
+                current.refresh_broken = true;
+            }
+            s.failure = Some(FailureRecord {
+                attempts: s
+                    .failure
+                    .as_ref()
+                    .map_or(0, |f| f.attempts)
+                    .saturating_add(1),
+                at: now,
+                reason: reason.to_string(),
+                message: message.clone(),
+                retryable: error.is_retryable(),
+                inputs: fingerprint.clone(),
+                rotation: rotation.clone(),
+            });
+            Ok(())
+        })
+        .await?;
+        self.env
+            .metrics
+            .renewal_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        let note = if self.seen.state.current.is_some() {
+            format!(
+                "{} failed: {message}. The Secret keeps its previous token.",
+                capitalised(obtain.trigger.describe())
+            )
+        } else {
+            format!(
+                "{} failed: {message}",
+                capitalised(obtain.trigger.describe())
+            )
+        };
+        self.env
+            .cluster
+            .publish(self.token, Event::warning(reason, note))
+            .await;
+        Ok(())
+    }
+
+    /// Looks for the token an interrupted request may have created, and deletes it.
+    async fn search(&mut self, i: usize, now: Timestamp) -> Result<(), Error> {
+        let Some(marker) = self.seen.state.interrupted.get(i).cloned() else {
+            return Ok(());
+        };
+        let flavor = if marker.gateway {
+            Flavor::Gateway
+        } else {
+            Flavor::Controller
+        };
+        let login = self
+            .seen
+            .inputs
+            .as_ref()
+            .ok()
+            .and_then(|i| i.username.clone().zip(i.password.clone()));
+        let outcome = match (marker.personal, login) {
+            (true, Some((username, password))) => {
+                let result = async {
+                    let at = self.connection(None)?;
+                    let ids = self
+                        .env
+                        .awx
+                        .find_tagged_tokens(&at, flavor, &username, &password, &marker.tag)
+                        .await?;
+                    for id in &ids {
+                        self.env
+                            .awx
+                            .delete_token_with_login(&at, flavor, *id, &username, &password)
+                            .await?;
+                    }
+                    Ok::<usize, AwxError>(ids.len())
+                }
+                .await;
+                match result {
+                    Ok(found) => {
+                        info!(found, "cleaned up after an interrupted token request");
+                        self.count_interrupted("cleaned");
+                        if found > 0 {
+                            self.env
+                                .cluster
+                                .publish(
+                                    self.token,
+                                    Event::normal(
+                                        "InterruptedIssueCleaned",
+                                        "Found and deleted the token of an interrupted request",
+                                    ),
+                                )
+                                .await;
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (true, None) => return Ok(()),
+            (false, _) => {
+                let note = format!(
+                    "A token request started at {} got no complete answer (interrupted, timed \
+                     out or cut off); AWX may hold {} of this user that the operator does not \
+                     know. Revoke it in AWX if it exists (tokens of the user created at that \
+                     time).",
+                    marker.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    if marker.refresh {
+                        "a token (two, when the refresh fell back to the grant)"
+                    } else {
+                        "one token"
+                    }
+                );
+                warn!("{note}");
+                self.count_interrupted("unrecoverable");
+                self.env
+                    .cluster
+                    .publish(self.token, Event::warning("InterruptedIssue", note))
+                    .await;
+                Ok(())
+            }
+        };
+        let tag = marker.tag.clone();
+        match outcome {
+            Ok(()) => {
+                self.edit_state(|s| {
+                    s.interrupted.retain(|m| m.tag != tag);
+                    Ok(())
+                })
+                .await
+            }
+            Err(e) => {
+                warn!(error = %e, "could not look for the token of an interrupted request");
+                let backoff = self.env.settings;
+                self.edit_state(|s| {
+                    if let Some(m) = s.interrupted.iter_mut().find(|m| m.tag == tag) {
+                        m.search_attempts = m.search_attempts.saturating_add(1);
+                        let wait = schedule::failure_backoff(
+                            m.search_attempts,
+                            backoff.backoff_base,
+                            backoff.backoff_max,
+                            crate::decide::jitter(&[&tag, &m.search_attempts.to_string()]),
+                        );
+                        m.search_after = Some(schedule::add(now, wait));
+                    }
+                    Ok(())
+                })
+                .await
+            }
+        }
+    }
+
+    fn count_interrupted(&self, outcome: &'static str) {
+        self.env
+            .metrics
+            .interrupted_issues
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Revokes `state.retiring[i]` where it was issued, with the application that issued it.
+    async fn revoke(&mut self, i: usize) -> Result<(), Error> {
+        let Some(retiring) = self.seen.state.retiring.get(i).cloned() else {
+            return Ok(());
+        };
+        let fallback = self
+            .seen
+            .inputs
+            .as_ref()
+            .map(observe::Inputs::revocation)
+            .unwrap_or_default();
+        let result = async {
+            let at = self.connection(retiring.token.url.as_deref())?;
+            self.env
+                .awx
+                .revoke(
+                    &at,
+                    retiring.token.flavor(),
+                    &retiring.token.to_revoke(),
+                    &retiring.token.revocation(&fallback),
+                )
+                .await
+        }
+        .await;
+        let value = retiring.token.access_token.clone();
+        let now = self.env.clock.now();
+        match result {
+            Ok(()) => {
+                info!("revoked a replaced token");
+                self.env
+                    .metrics
+                    .tokens_revoked
+                    .get_or_create(&FlavorLabels {
+                        flavor: retiring.token.flavor().as_str(),
+                    })
+                    .inc();
+                self.edit_state(|s| {
+                    s.retiring.retain(|r| r.token.access_token != value);
+                    Ok(())
+                })
+                .await?;
+                self.env
+                    .cluster
+                    .publish(
+                        self.token,
+                        Event::normal("TokenRevoked", "Revoked a replaced token"),
+                    )
+                    .await;
+                Ok(())
+            }
+            Err(e) => {
+                let settings = self.env.settings;
+                let attempts = retiring.failed_attempts.saturating_add(1);
+                let wait = schedule::failure_backoff(
+                    attempts,
+                    settings.backoff_base,
+                    settings.backoff_max,
+                    crate::decide::jitter(&[self.uid(), "revoke", &attempts.to_string()]),
+                );
+                warn!(error = %e, retry_in = ?wait, "could not revoke a replaced token");
+                self.edit_state(|s| {
+                    if let Some(r) = s
+                        .retiring
+                        .iter_mut()
+                        .find(|r| r.token.access_token == value)
+                    {
+                        r.failed_attempts = attempts;
+                        r.revoke_after = schedule::add(now, wait);
+                    }
+                    Ok(())
+                })
+                .await?;
+                self.env
+                    .cluster
+                    .publish(
+                        self.token,
+                        Event::warning(
+                            "RevocationFailed",
+                            format!("A replaced token could not be revoked yet; retrying: {e}"),
+                        ),
+                    )
+                    .await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn verify(&mut self) -> Result<(), Error> {
+        let Some(current) = self.seen.state.current.clone() else {
+            return Ok(());
+        };
+        let result = async {
+            let at = self.connection(current.token.url.as_deref())?;
+            self.env
+                .awx
+                .whoami(
+                    &at,
+                    current.token.flavor(),
+                    &current.token.access_token.to_secret(),
+                )
+                .await
+        }
+        .await;
+        let now = self.env.clock.now();
+        let value = current.token.access_token.clone();
+        let outcome = match &result {
+            Ok(_) => "valid",
+            Err(AwxError::TokenRejected { .. }) => "rejected",
+            Err(_) => "error",
+        };
+        self.env
+            .metrics
+            .verifications
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.edit_state(|s| {
+            if let Some(c) = s.current.as_mut().filter(|c| c.token.access_token == value) {
+                match &result {
+                    Ok(_) => c.verified_at = Some(now),
+                    Err(AwxError::TokenRejected { .. }) => c.rejected_at = Some(now),
+                    Err(_) => c.verify_failed_at = Some(now),
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        match result {
+            Ok(_) => {}
+            Err(AwxError::TokenRejected { .. }) => {
+                warn!("AWX rejects the token in the Secret; replacing it");
+                self.env
+                    .cluster
+                    .publish(
+                        self.token,
+                        Event::warning(
+                            "TokenRejected",
+                            "AWX rejects the token in the Secret (deleted or revoked in AWX); \
+                             issuing a new one",
+                        ),
+                    )
+                    .await;
+            }
+            Err(e) => warn!(error = %e, "could not verify the token; trying again later"),
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ Kubernetes
+
+    /// Makes the target Secret hold the current token (repairing edits and deletions).
+    async fn write_target(&mut self, now: Timestamp) -> Result<(), Error> {
+        let Some(current) = self.seen.state.current.clone() else {
+            return Ok(());
+        };
+        let valid = self.valid()?.clone();
+        let before = self
+            .seen
+            .target
+            .as_ref()
+            .filter(|_| self.seen.target_ownership == Ownership::Ours)
+            .and_then(|s| secrets::token_in(s, self.token));
+        if !self.target_holds_current() {
+            // Consumers see the current token only from now on: the tokens it replaced get
+            // their whole grace period from here.
+            let grace_end = schedule::add(now, valid.revoke_grace_period);
+            let slack = schedule::sub(grace_end, Duration::from_secs(2));
+            self.edit_state(|s| {
+                for r in &mut s.retiring {
+                    if r.failed_attempts == 0 && r.revoke_after < slack {
+                        r.revoke_after = grace_end;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let mut desired = secrets::render_target(self.token, current.token.access_token.expose());
+        if self.seen.target_ownership == Ownership::Ours
+            && let Some(existing) = &self.seen.target
+        {
+            desired.metadata.resource_version = existing.metadata.resource_version.clone();
+        }
+        let written = self.env.cluster.apply_secret(&desired).await?;
+        self.seen.target = Some(written);
+        self.seen.target_ownership = Ownership::Ours;
+        if before.is_some_and(|b| b != current.token.access_token.expose()) {
+            self.restart_workloads(now).await;
+        }
+        Ok(())
+    }
+
+    async fn restart_workloads(&self, now: Timestamp) {
+        let ns = self.namespace();
+        let stamp = now.to_string();
+        for target in &self.token.spec.rollout_restart_targets {
+            match self.env.cluster.restart(&ns, target, &stamp).await {
+                Ok(()) => {
+                    info!(kind = ?target.kind, workload = %target.name, "restarted workload after token change")
+                }
+                Err(e) => {
+                    warn!(kind = ?target.kind, workload = %target.name, error = %e, "could not restart workload");
+                    self.env
+                        .cluster
+                        .publish(
+                            self.token,
+                            Event::warning(
+                                "RestartFailed",
+                                format!("Could not restart {:?} {}: {e}", target.kind, target.name),
+                            ),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Reports the status and says when to look again.
+    async fn finish(&mut self, now: Timestamp, wake: Wake) -> Result<Applied, Error> {
+        let facts = self.facts(now);
+        let old = self.token.status.clone().unwrap_or_default();
+        let status = status::render(
+            &facts,
+            self.token.metadata.generation,
+            &self.token.secret_name(),
+            &old,
+        );
+        let in_backoff = facts.state.failure.is_some();
+        let schedule = facts
+            .state
+            .current
+            .as_ref()
+            .zip(facts.valid.ok())
+            .map(|(c, v)| {
+                (
+                    c.expires_at.map(|t| t.as_millisecond() as f64 / 1000.0),
+                    plan::renewal_time(facts.uid, c, v).as_millisecond() as f64 / 1000.0,
+                )
+            });
+        if !status::same_when_stored(&status, &old) {
+            let insecure_new = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == status::INSECURE_TLS)
+                && !old
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == status::INSECURE_TLS);
+            if insecure_new {
+                self.env
+                    .cluster
+                    .publish(
+                        self.token,
+                        Event::warning(
+                            "InsecureSkipTlsVerify",
+                            "AWX's TLS certificate is not verified; anyone on the path can read \
+                             the credentials and tokens",
+                        ),
+                    )
+                    .await;
+            }
+            self.env.cluster.apply_status(self.token, &status).await?;
+        }
+        let requeue_after = match wake {
+            Wake::At(at) => Some(schedule::requeue_delay(now, at).max(Duration::from_millis(200))),
+            Wake::OnChange => None,
+        };
+        Ok(Applied {
+            action: requeue_after.map_or_else(Action::await_change, Action::requeue),
+            requeue_after,
+            in_backoff,
+            schedule,
+        })
+    }
+
+    /// A deletion that cannot finish yet: the status says why, the error retries it then.
+    async fn stuck_deletion(&mut self, now: Timestamp, retry_at: Timestamp) -> Error {
+        let facts = self.facts(now);
+        let blocked_hosts: Vec<String> = facts
+            .state
+            .retiring
+            .iter()
+            .filter_map(|r| r.token.url.as_deref())
+            .filter_map(|u| url::Url::parse(u).ok())
+            .map(|u| crate::spec::host_of(&u))
+            .filter(|h| {
+                facts
+                    .allowed_hosts
+                    .is_some_and(|a| !crate::decide::host_allowed(a, h))
+            })
+            .collect();
+        let message = if let Some(host) = blocked_hosts.first() {
+            format!(
+                "AWX host {host:?} is not in the operator's --allowed-awx-hosts, so the tokens \
+                 cannot be revoked there; no request was sent. To delete without revoking set \
+                 annotation {}: \"true\"",
+                crate::crd::SKIP_REVOKE_ANNOTATION
+            )
+        } else {
+            format!(
+                "Could not revoke every token in AWX on delete ({} left); retrying. To delete \
+                 without revoking set annotation {}: \"true\"",
+                facts.state.retiring.len() + facts.state.interrupted.len(),
+                crate::crd::SKIP_REVOKE_ANNOTATION
+            )
+        };
+        let mut status = self.token.status.clone().unwrap_or_default();
+        status::set_condition(
+            &mut status.conditions,
+            status::READY,
+            false,
+            "RevokeFailed",
+            &message,
+            now,
+        );
+        if Some(&status) != self.token.status.as_ref() {
+            self.env
+                .cluster
+                .publish(self.token, Event::warning("RevokeFailed", message.clone()))
+                .await;
+            if let Err(e) = self.env.cluster.apply_status(self.token, &status).await {
+                return e;
+            }
+        }
+        let retry_in = if blocked_hosts.is_empty() {
+            schedule::requeue_delay(now, retry_at).max(Duration::from_millis(500))
+        } else {
+            schedule::MAX_REQUEUE
+        };
+        Error::Revoke { message, retry_in }
+    }
+}
+
+/// What a successful attempt brought.
+struct Obtained {
+    issued: IssuedToken,
+    flavor: Flavor,
+    /// By refresh (the previous token is dead already) rather than the grant.
+    refreshed: bool,
+    /// An earlier request of the attempt lost its answer.
+    lost_answer: bool,
+}
+
+/// The token as the state keeps it.
+fn held_token(
+    issued: &IssuedToken,
+    flavor: Flavor,
+    valid: &ValidSpec,
+    inputs: &observe::Inputs,
+    refreshed: bool,
+    previous_user: Option<String>,
+    now: Timestamp,
+) -> HeldToken {
+    use secrecy::ExposeSecret as _;
+    let refresh_issued_at = issued.refresh_token.is_some().then_some(now);
+    let app = inputs
+        .client
+        .as_ref()
+        .filter(|_| !matches!(issued.kind, TokenKind::Personal));
+    HeldToken {
+        token: TokenRecord {
+            url: Some(valid.url.to_string()),
+            client_id: app.map(|c| c.client_id.clone()),
+            client_secret: app
+                .and_then(|c| c.client_secret.as_ref())
+                .map(|s| Sensitive::new(s.expose_secret())),
+            access_token: Sensitive::new(issued.access_token.expose_secret()),
+            refresh_token: issued
+                .refresh_token
+                .as_ref()
+                .map(|r| Sensitive::new(r.expose_secret())),
+            token_id: issued.token_id,
+            personal: matches!(issued.kind, TokenKind::Personal),
+            gateway: flavor == Flavor::Gateway,
+        },
+        scope: issued.scope.clone(),
+        user: issued
+            .user
+            .clone()
+            .or_else(|| previous_user.filter(|_| refreshed))
+            .or_else(|| inputs.username.clone()),
+        issued_at: now,
+        refresh_issued_at,
+        expires_at: issued.expires_at,
+        // Set by the caller; the plan recomputes it from the spec in force.
+        renewal_time: now,
+        inputs: inputs.fingerprint.clone(),
+        verified_at: None,
+        verify_failed_at: None,
+        rejected_at: None,
+        refresh_broken: false,
+    }
+}
+
+fn scope(s: ScopeSpec) -> Scope {
+    match s {
+        ScopeSpec::Read => Scope::Read,
+        ScopeSpec::Write => Scope::Write,
+    }
+}
+
+pub fn grant_label(g: GrantType) -> &'static str {
+    match g {
+        GrantType::Password => "Password",
+        GrantType::ClientCredentials => "ClientCredentials",
+        GrantType::PersonalAccessToken => "PersonalAccessToken",
+    }
+}
+
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
