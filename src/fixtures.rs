@@ -360,6 +360,7 @@ pub struct KubeCall {
 pub struct AwxCall {
     pub method: Method,
     pub path: String,
+    pub query: String,
     pub authorization: Option<String>,
     pub content_type: Option<String>,
     pub body: Vec<u8>,
@@ -371,6 +372,11 @@ impl AwxCall {
         url::form_urlencoded::parse(&self.body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect()
+    }
+
+    /// The JSON body; `Null` when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
 
@@ -385,6 +391,7 @@ impl From<wiremock::Request> for AwxCall {
         Self {
             method: r.method.clone(),
             path: r.url.path().to_string(),
+            query: r.url.query().unwrap_or_default().to_string(),
             authorization: header("authorization"),
             content_type: header("content-type"),
             body: r.body.clone(),

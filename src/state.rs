@@ -101,11 +101,47 @@ pub struct IssueIntent {
     /// taken for interrupted.
     #[serde(default)]
     pub holder: String,
+    /// The request's token carries the tag in its description from the start (personal
+    /// tokens, application tokens created through the REST API); otherwise the tag is set
+    /// after the answer, and a token whose answer was lost is found by its user, application
+    /// and creation time instead.
+    #[serde(default)]
+    pub tagged: bool,
+    /// Whose token it is, to look for it: the AWX user and the application (client id, and
+    /// id where known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application: Option<u64>,
+    /// AWX's clock minus this process's (seconds), as last measured from AWX's `Date`
+    /// header: AWX's creation times are compared on its clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset: Option<i64>,
+    /// Looked for once already (a second look catches a request AWX finished late).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub searched: bool,
+    /// Why the last look failed, for the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_error: Option<String>,
+    /// When a search by creation time last began (its claim on the state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<Timestamp>,
     /// Failed attempts to look for its token, and when to look again.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub search_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub search_after: Option<Timestamp>,
+}
+
+impl IssueIntent {
+    /// Whether AWX can be asked for the request's token: a personal token (by its tag), or an
+    /// application token of a known user and application. A client-credentials request (no
+    /// user) or an application request recorded by an earlier release can only be reported.
+    pub fn searchable(&self) -> bool {
+        self.personal || (self.username.is_some() && self.client_id.is_some())
+    }
 }
 
 /// What identifies an issued token and where and how it is revoked.
@@ -163,6 +199,13 @@ pub struct HeldToken {
     /// interrupted): the next renewal uses the grant.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refresh_broken: bool,
+    /// AWX's clock minus this process's when the token was issued (seconds, from AWX's `Date`
+    /// header), for comparing AWX's creation times with local ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset: Option<i64>,
+    /// The id of its OAuth2 application in AWX's API, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_id: Option<u64>,
 }
 
 /// A replaced token waiting to be revoked.
@@ -176,6 +219,12 @@ pub struct RetiringToken {
     pub revoke_after: Timestamp,
     #[serde(default)]
     pub failed_attempts: u32,
+    /// When it was issued (on this process's clock) and AWX's clock offset then, so that a
+    /// search by creation time never takes it for a lost token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset: Option<i64>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -189,6 +238,8 @@ impl HeldToken {
             token: self.token.clone(),
             revoke_after,
             failed_attempts: 0,
+            issued_at: Some(self.issued_at),
+            clock_offset: self.clock_offset,
         }
     }
 }
@@ -286,6 +337,8 @@ mod tests {
             verify_failed_at: None,
             rejected_at: None,
             refresh_broken: true,
+            clock_offset: Some(-2),
+            application_id: Some(3),
         }
     }
 
@@ -303,6 +356,14 @@ mod tests {
                 holder: "op/1".into(),
                 search_attempts: 2,
                 search_after: Some(Timestamp::from_second(1_700_000_060).unwrap()),
+                tagged: true,
+                username: Some("bot".into()),
+                client_id: None,
+                application: None,
+                clock_offset: Some(1),
+                searched: true,
+                search_error: Some("AWX answered 500".into()),
+                claimed_at: Some(Timestamp::from_second(1_700_000_061).unwrap()),
             }),
             interrupted: vec![],
             rotated_for: Some("r1".into()),

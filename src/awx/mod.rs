@@ -278,11 +278,102 @@ pub struct IssuedToken {
     /// Counted from when the request was sent; `None` when the server did not say.
     pub expires_at: Option<jiff::Timestamp>,
     pub scope: String,
-    /// The token's id in the REST API, when known (personal access tokens).
+    /// The token's id in the REST API, when known (tokens created through the REST API).
     pub token_id: Option<u64>,
     /// The owner's username, when known.
     pub user: Option<String>,
     pub kind: TokenKind,
+    /// The id of its application, when AWX said (tokens created through the REST API).
+    pub application: Option<u64>,
+    /// AWX's clock when it answered (its `Date` header), when it said.
+    pub answered_at: Option<jiff::Timestamp>,
+}
+
+/// How a REST call authenticates: the user's login, or a token of the user.
+#[derive(Clone, Copy)]
+pub enum Login<'a> {
+    Password {
+        username: &'a str,
+        password: &'a SecretString,
+    },
+    Bearer(&'a SecretString),
+}
+
+impl fmt::Debug for Login<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Password { username, .. } => write!(f, "Password({username})"),
+            Self::Bearer(_) => f.write_str("Bearer([redacted])"),
+        }
+    }
+}
+
+impl Login<'_> {
+    fn header(&self) -> Result<HeaderValue, AwxError> {
+        match self {
+            Self::Password { username, password } => wire::user_basic_auth(username, password),
+            Self::Bearer(token) => wire::bearer_auth(token),
+        }
+    }
+}
+
+/// A token as AWX lists it; its value is never shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedToken {
+    pub id: u64,
+    pub user: Option<u64>,
+    pub application: Option<u64>,
+    pub created: Option<jiff::Timestamp>,
+    pub description: String,
+}
+
+/// Which of the user's tokens to list (AWX filters them, docs/awx-protocol.md#filters).
+#[derive(Debug, Clone, Default)]
+pub struct TokenQuery<'a> {
+    pub username: Option<&'a str>,
+    pub application: Option<u64>,
+    /// Only personal tokens (`true`) or only application tokens (`false`).
+    pub personal: Option<bool>,
+    pub created_from: Option<jiff::Timestamp>,
+    pub created_to: Option<jiff::Timestamp>,
+    pub description_contains: Option<&'a str>,
+}
+
+impl TokenQuery<'_> {
+    fn query_string(&self, page: u32) -> String {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(u) = self.username {
+            q.append_pair("user__username", u);
+        }
+        if let Some(a) = self.application {
+            q.append_pair("application", &a.to_string());
+        }
+        if let Some(personal) = self.personal {
+            q.append_pair(
+                "application__isnull",
+                if personal { "true" } else { "false" },
+            );
+        }
+        if let Some(t) = self.created_from {
+            q.append_pair(
+                "created__gte",
+                &t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            );
+        }
+        if let Some(t) = self.created_to {
+            q.append_pair(
+                "created__lte",
+                &t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            );
+        }
+        if let Some(d) = self.description_contains {
+            q.append_pair("description__contains", d);
+        }
+        q.append_pair("order_by", "id");
+        q.append_pair("page_size", "200");
+        q.append_pair("page", &page.to_string());
+        q.finish()
+    }
 }
 
 /// What is known of a token to be revoked.
@@ -493,30 +584,24 @@ impl AwxClient {
         }
     }
 
-    /// Ids of the user's tokens whose description contains `tag`: finds a personal token
-    /// created by a request whose answer was lost (the operator tags each one it creates).
-    /// Lists `/api/v2/tokens/` (or the gateway's) with the user's login, page by page.
-    pub async fn find_tagged_tokens(
+    /// The user's tokens that `query` selects, page by page (at most 50 pages of 200).
+    pub async fn list_tokens(
         &self,
         flavor: Flavor,
-        username: &str,
-        password: &SecretString,
-        tag: &str,
-    ) -> Result<Vec<u64>, AwxError> {
+        login: Login<'_>,
+        query: &TokenQuery<'_>,
+    ) -> Result<Vec<ListedToken>, AwxError> {
         const MAX_PAGES: u32 = 50;
-        let mut ids = Vec::new();
+        let mut found = Vec::new();
         for page in 1..=MAX_PAGES {
-            let path = format!("{}?page_size=200&page={page}", flavor.tokens_path());
+            let path = format!("{}?{}", flavor.tokens_path(), query.query_string(page));
             let answer = self
-                .send(
-                    "tokens",
-                    Method::GET,
-                    &path,
-                    Some(wire::user_basic_auth(username, password)?),
-                )
+                .send("tokens", Method::GET, &path, Some(login.header()?))
                 .await?;
             match answer.status {
                 200..=299 => {}
+                // A page past the end (tokens deleted while walking): nothing more.
+                404 if page > 1 => break,
                 401 => {
                     return Err(AwxError::Unauthorized {
                         at: answer.at.clone(),
@@ -532,17 +617,137 @@ impl AwxClient {
                 let Some(item) = item.as_object() else {
                     continue;
                 };
-                let tagged =
-                    wire::string_field(item, "description").is_some_and(|d| d.contains(tag));
-                if let (true, Some(id)) = (tagged, wire::id_field(item, "id")) {
-                    ids.push(id);
+                let Some(id) = wire::id_field(item, "id") else {
+                    continue;
+                };
+                found.push(ListedToken {
+                    id,
+                    user: wire::id_field(item, "user"),
+                    application: wire::id_field(item, "application"),
+                    created: wire::string_field(item, "created").and_then(|t| t.parse().ok()),
+                    description: wire::string_field(item, "description")
+                        .unwrap_or_default()
+                        .to_owned(),
+                });
+            }
+            if object.get("next").is_none_or(Value::is_null) {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Ids of the user's tokens whose description contains `tag`: finds a token created by
+    /// a request whose answer was lost (the operator tags each one it creates).
+    pub async fn find_tagged_tokens(
+        &self,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        tag: &str,
+    ) -> Result<Vec<u64>, AwxError> {
+        let query = TokenQuery {
+            username: Some(username),
+            description_contains: Some(tag),
+            ..TokenQuery::default()
+        };
+        let login = Login::Password { username, password };
+        Ok(self
+            .list_tokens(flavor, login, &query)
+            .await?
+            .into_iter()
+            .filter(|t| t.description.contains(tag))
+            .map(|t| t.id)
+            .collect())
+    }
+
+    /// The id of the OAuth2 application `client_id` as the user sees it: AWX lists the
+    /// applications of the user's organizations with their client ids, and refuses to filter
+    /// on them (docs/awx-protocol.md#filters), so they are matched here. `None` when the user
+    /// sees no such application (or the gateway, which lists applications to admins only).
+    pub async fn application_id(
+        &self,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        client_id: &str,
+    ) -> Result<Option<u64>, AwxError> {
+        if flavor == Flavor::Gateway {
+            return Ok(None);
+        }
+        const MAX_PAGES: u32 = 20;
+        for page in 1..=MAX_PAGES {
+            let path = format!("api/v2/applications/?order_by=id&page_size=200&page={page}");
+            let answer = self
+                .send(
+                    "applications",
+                    Method::GET,
+                    &path,
+                    Some(wire::user_basic_auth(username, password)?),
+                )
+                .await?;
+            match answer.status {
+                200..=299 => {}
+                403 | 404 => return Ok(None),
+                401 => {
+                    return Err(AwxError::InvalidCredentials {
+                        at: answer.at.clone(),
+                        status: answer.status,
+                        description: Some(wire::detail_text(&answer.body)),
+                    });
+                }
+                _ => return Err(common_failure(&answer)),
+            }
+            let object = wire::json_object(&answer)?;
+            let results = object.get("results").and_then(Value::as_array);
+            for item in results.into_iter().flatten() {
+                let Some(item) = item.as_object() else {
+                    continue;
+                };
+                if wire::string_field(item, "client_id") == Some(client_id) {
+                    return Ok(wire::id_field(item, "id"));
                 }
             }
             if object.get("next").is_none_or(Value::is_null) {
                 break;
             }
         }
-        Ok(ids)
+        Ok(None)
+    }
+
+    /// Sets the description of the token `id` (`PATCH .../tokens/{id}/`).
+    pub async fn describe_token(
+        &self,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+        description: &str,
+    ) -> Result<(), AwxError> {
+        let answer = self
+            .send_with_body(
+                "tokens_detail",
+                Method::PATCH,
+                &flavor.token_detail_path(id),
+                Some(login.header()?),
+                Body::Json(json!({ "description": description })),
+            )
+            .await?;
+        match answer.status {
+            200..=299 => Ok(()),
+            _ => Err(common_failure(&answer)),
+        }
+    }
+
+    /// Deletes the token `id` with `login` (404 counts as done).
+    pub async fn delete_token_as(
+        &self,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+    ) -> Result<(), AwxError> {
+        self.delete_once(&flavor.token_detail_path(id), login.header()?)
+            .await
+            .map(drop)
     }
 
     /// Deletes the token `id` with the user's login (404 counts as done).
@@ -879,6 +1084,8 @@ fn token_answer(
         token_id: None,
         user: username.cloned(),
         kind: TokenKind::Application,
+        application: None,
+        answered_at: answer.date,
     })
 }
 
@@ -934,7 +1141,14 @@ fn personal_token_answer(
             .to_owned(),
         token_id: wire::id_field(&object, "id"),
         user: Some(owner.to_owned()),
-        kind: TokenKind::Personal,
+        // A token created with an application is that application's (it has a refresh token).
+        kind: if wire::id_field(&object, "application").is_some() {
+            TokenKind::Application
+        } else {
+            TokenKind::Personal
+        },
+        application: wire::id_field(&object, "application"),
+        answered_at: answer.date,
     })
 }
 

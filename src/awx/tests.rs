@@ -1739,6 +1739,8 @@ fn debug_output_of_credentials_and_tokens_hides_every_secret() {
         token_id: Some(1),
         user: Some(USERNAME.to_owned()),
         kind: TokenKind::Application,
+        application: None,
+        answered_at: None,
     };
     let outputs = [
         format!("{issued:?}"),
@@ -1824,6 +1826,7 @@ mod properties {
             location,
             body,
             sent_at: sent_at(),
+            date: None,
         }
     }
 

@@ -55,6 +55,8 @@ pub(crate) struct Answer {
     pub(crate) body: Vec<u8>,
     /// When the request was sent; token lifetimes count from here.
     pub(crate) sent_at: Timestamp,
+    /// AWX's clock when it answered (its `Date` header), to second precision.
+    pub(crate) date: Option<Timestamp>,
 }
 
 impl Transport {
@@ -186,6 +188,11 @@ async fn read_answer(
     };
     let content_type = header_text(header::CONTENT_TYPE);
     let location = header_text(header::LOCATION);
+    let date = header_text(header::DATE).and_then(|d| {
+        jiff::fmt::rfc2822::DateTimeParser::new()
+            .parse_timestamp(d.as_bytes())
+            .ok()
+    });
 
     let too_large = || AwxError::ResponseTooLarge {
         at: at.to_owned(),
@@ -216,6 +223,7 @@ async fn read_answer(
         location,
         body,
         sent_at,
+        date,
     })
 }
 

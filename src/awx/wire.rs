@@ -565,6 +565,7 @@ mod tests {
                 location: None,
                 body,
                 sent_at: Timestamp::from_second(1_700_000_000).unwrap(),
+                date: None,
             }
         }
 

@@ -16,7 +16,8 @@ use url::Url;
 use crate::{
     awx::{
         AwxClient, AwxError, AwxUser, ClientCredentials, Endpoint, Flavor, IssuedToken,
-        RequestLimits, RequestObserver, RevocationCredentials, Scope, TokenGrant, TokenToRevoke,
+        ListedToken, Login, RequestLimits, RequestObserver, RevocationCredentials, Scope,
+        TokenGrant, TokenQuery, TokenToRevoke,
     },
     crd::FlavorSpec,
 };
@@ -92,6 +93,59 @@ pub trait AwxApi: Send + Sync {
         username: &str,
         password: &SecretString,
     ) -> impl Future<Output = Result<(), AwxError>> + Send;
+
+    /// The id of the application `client_id` as the user sees it (remembered per AWX), or
+    /// `None` when the user cannot see it or the flavour does not say.
+    fn application_id(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        client_id: &str,
+    ) -> impl Future<Output = Result<Option<u64>, AwxError>> + Send;
+
+    fn list_tokens(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        query: &TokenQuery<'_>,
+    ) -> impl Future<Output = Result<Vec<ListedToken>, AwxError>> + Send;
+
+    fn describe_token(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+        description: &str,
+    ) -> impl Future<Output = Result<(), AwxError>> + Send;
+
+    fn delete_token_as(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+    ) -> impl Future<Output = Result<(), AwxError>> + Send;
+
+    /// Holds off other token requests of this process for `key` (an AWX user and
+    /// application) until the guard is dropped, so that a token can be told from the others
+    /// created just then by its creation time.
+    fn exclusive(&self, key: String) -> impl Future<Output = ExclusiveGuard> + Send;
+}
+
+/// Held while a token request for one AWX user and application is in flight.
+pub struct ExclusiveGuard {
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl ExclusiveGuard {
+    /// A guard that holds nothing (for fakes that never run requests side by side).
+    pub fn none() -> Self {
+        Self { _guard: None }
+    }
 }
 
 /// AWX clients and per-host request limits, shared by all AwxTokens.
@@ -100,6 +154,9 @@ pub struct AwxPool {
     limits: Mutex<HashMap<String, RequestLimits>>,
     /// Detected flavour per URL; one detection at a time per URL, however many tokens wait.
     flavors: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Flavor>>>>,
+    /// Application ids by URL and client id, once resolved.
+    applications: Mutex<HashMap<(String, String), u64>>,
+    exclusive: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_rps: Option<NonZeroU32>,
     max_in_flight: Option<usize>,
     observer: Arc<dyn RequestObserver>,
@@ -115,6 +172,8 @@ impl AwxPool {
             clients: Mutex::default(),
             limits: Mutex::default(),
             flavors: Mutex::default(),
+            applications: Mutex::default(),
+            exclusive: Mutex::default(),
             max_rps,
             max_in_flight,
             observer,
@@ -240,5 +299,67 @@ impl AwxApi for AwxPool {
         self.client(at)?
             .delete_token_with_login(flavor, id, username, password)
             .await
+    }
+
+    async fn application_id(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        username: &str,
+        password: &SecretString,
+        client_id: &str,
+    ) -> Result<Option<u64>, AwxError> {
+        let key = (at.url.to_string(), client_id.to_string());
+        if let Some(id) = lock(&self.applications).get(&key) {
+            return Ok(Some(*id));
+        }
+        let id = self
+            .client(at)?
+            .application_id(flavor, username, password, client_id)
+            .await?;
+        if let Some(id) = id {
+            lock(&self.applications).insert(key, id);
+        }
+        Ok(id)
+    }
+
+    async fn list_tokens(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        query: &TokenQuery<'_>,
+    ) -> Result<Vec<ListedToken>, AwxError> {
+        self.client(at)?.list_tokens(flavor, login, query).await
+    }
+
+    async fn describe_token(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+        description: &str,
+    ) -> Result<(), AwxError> {
+        self.client(at)?
+            .describe_token(flavor, login, id, description)
+            .await
+    }
+
+    async fn delete_token_as(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        login: Login<'_>,
+        id: u64,
+    ) -> Result<(), AwxError> {
+        self.client(at)?.delete_token_as(flavor, login, id).await
+    }
+
+    async fn exclusive(&self, key: String) -> ExclusiveGuard {
+        let mutex = lock(&self.exclusive).entry(key).or_default().clone();
+        ExclusiveGuard {
+            _guard: Some(mutex.lock_owned().await),
+        }
     }
 }

@@ -25,7 +25,9 @@ use super::{
 };
 use crate::{
     Error,
-    awx::{AwxError, Flavor, IssuedToken, Outcome, Scope, TokenKind},
+    awx::{
+        AwxError, Flavor, IssuedToken, ListedToken, Login, Outcome, Scope, TokenKind, TokenQuery,
+    },
     crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec},
     metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, TokenLabels},
     schedule,
@@ -330,16 +332,66 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Ok(f) => f,
             Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
         };
+        let grant_type = token.spec.grant.type_;
+        let login = inputs.username.clone().zip(inputs.password.clone());
+        let client_id = inputs.client.as_ref().map(|c| c.client_id.clone());
+        // The application's id (when the user may see it) narrows the search for a token
+        // whose answer is lost to that application's tokens.
+        let application = match (grant_type, flavor, &login, &client_id) {
+            (GrantType::Password, Flavor::Controller, Some((u, p)), Some(c)) => {
+                match self.env.awx.application_id(&at, flavor, u, p, c).await {
+                    Ok(id) => id,
+                    Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+                }
+            }
+            _ => None,
+        };
+        // Only a personal token is created with its tag; a grant's token is tagged after its
+        // answer (`tag_after`).
+        let tagged = grant_type == GrantType::PersonalAccessToken;
+        // Requests whose token is tagged after the answer: one at a time per AWX user and
+        // application in this process, so the token created just then is told apart.
+        let _exclusive = if tagged {
+            None
+        } else {
+            let key = format!(
+                "{}|{}|{}",
+                at.url,
+                inputs.username.as_deref().unwrap_or_default(),
+                client_id.as_deref().unwrap_or_default()
+            );
+            Some(self.env.awx.exclusive(key).await)
+        };
         let now = self.env.clock.now();
         let marker = IssueIntent {
             tag: format!("awxto-{:016x}", rand::random::<u64>()),
             started_at: now,
-            personal: token.spec.grant.type_ == GrantType::PersonalAccessToken,
+            personal: grant_type == GrantType::PersonalAccessToken,
             gateway: flavor == Flavor::Gateway,
             refresh: obtain.refresh,
             holder: self.env.settings.identity.clone(),
             search_attempts: 0,
             search_after: None,
+            tagged,
+            username: inputs.username.clone(),
+            client_id: client_id.clone(),
+            application: application.or_else(|| {
+                self.seen
+                    .state
+                    .current
+                    .as_ref()
+                    .filter(|c| c.token.client_id == client_id)
+                    .and_then(|c| c.application_id)
+            }),
+            clock_offset: self
+                .seen
+                .state
+                .current
+                .as_ref()
+                .and_then(|c| c.clock_offset),
+            searched: false,
+            search_error: None,
+            claimed_at: None,
         };
         // Recorded before the request, so that a crash in the middle leaves a trace of it.
         self.edit_state(|s| {
@@ -400,7 +452,14 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 .await;
         }
         match result {
-            Ok(issued) => {
+            Ok(mut issued) => {
+                if !marker.tagged
+                    && grant_type != GrantType::ClientCredentials
+                    && let Some(tagged) = self.tag_after(&at, flavor, &marker, &issued).await
+                {
+                    issued.token_id = Some(tagged.id);
+                    issued.application = tagged.application;
+                }
                 let got = Obtained {
                     issued,
                     flavor,
@@ -412,6 +471,96 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Err(e) => {
                 self.record_failure(&obtain, Some(&marker), e, refresh_broken, lost_answer)
                     .await
+            }
+        }
+    }
+
+    /// The description of a token the operator creates for this AwxToken, with a request's
+    /// tag.
+    fn tagged_description(&self, tag: &str) -> String {
+        let base = self
+            .token
+            .spec
+            .grant
+            .description
+            .clone()
+            .unwrap_or_else(|| {
+                format!(
+                    "awx-token-operator {}/{}",
+                    self.namespace(),
+                    self.token.name_any()
+                )
+            });
+        format!("{base} [{tag}]")
+    }
+
+    /// Tags a token that came without a description (a password grant or a refresh at the
+    /// token endpoint): it is the one application token of the user, untagged and not held,
+    /// that AWX created around the time it answered. Returns its id; `None` when it cannot be
+    /// told apart (it then stays untagged, like one whose answer was lost).
+    async fn tag_after(
+        &self,
+        at: &Connection,
+        flavor: Flavor,
+        marker: &IssueIntent,
+        issued: &IssuedToken,
+    ) -> Option<ListedToken> {
+        let inputs = self.seen.inputs.as_ref().ok()?;
+        let username = inputs.username.as_deref()?;
+        let login = match &inputs.password {
+            Some(password) => Login::Password { username, password },
+            None => Login::Bearer(&issued.access_token),
+        };
+        // AWX's clock: its Date header (to the second), else ours.
+        let around = issued.answered_at.unwrap_or_else(|| self.env.clock.now());
+        let query = TokenQuery {
+            username: Some(username),
+            application: marker.application,
+            personal: Some(false),
+            created_from: Some(schedule::sub(around, Duration::from_secs(5))),
+            created_to: Some(schedule::add(around, Duration::from_secs(5))),
+            description_contains: None,
+        };
+        let held = held_ids(&self.seen.state);
+        let found = match self.env.awx.list_tokens(at, flavor, login, &query).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "could not look up the new token to tag it");
+                return None;
+            }
+        };
+        let (from, to) = (
+            query.created_from.unwrap_or(around),
+            query.created_to.unwrap_or(around),
+        );
+        let candidates: Vec<_> = found
+            .iter()
+            .filter(|t| match marker.application {
+                Some(app) => t.application == Some(app),
+                None => t.application.is_some(),
+            })
+            .filter(|t| t.created.is_some_and(|c| from <= c && c <= to))
+            .filter(|t| t.description.is_empty() && !held.contains(&t.id))
+            .collect();
+        let [only] = candidates.as_slice() else {
+            warn!(
+                candidates = candidates.len(),
+                "the new token cannot be told apart from others created at the same time; it \
+                 stays untagged"
+            );
+            return None;
+        };
+        let description = self.tagged_description(&marker.tag);
+        match self
+            .env
+            .awx
+            .describe_token(at, flavor, login, only.id, &description)
+            .await
+        {
+            Ok(()) => Some((*only).clone()),
+            Err(e) => {
+                warn!(error = %e, "could not tag the new token");
+                None
             }
         }
     }
@@ -617,7 +766,12 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         Ok(())
     }
 
-    /// Looks for the token an interrupted request may have created, and deletes it.
+    /// Looks for the token an interrupted request may have created, and deletes it: by its
+    /// tag (personal tokens, and application tokens created or tagged with it), and, for a
+    /// request whose token had no tag yet, by its user, application and creation time
+    /// (docs/awx-protocol.md#interrupted-requests). AWX may still finish a request after the
+    /// client gave up on it, so a request is looked for twice: now, and once it is too late
+    /// for AWX to finish it.
     async fn search(&mut self, i: usize, now: Timestamp) -> Result<(), Error> {
         let Some(marker) = self.seen.state.interrupted.get(i).cloned() else {
             return Ok(());
@@ -627,79 +781,201 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         } else {
             Flavor::Controller
         };
-        let login = self
+        let username = marker
+            .username
+            .clone()
+            .or_else(|| self.seen.inputs.as_ref().ok()?.username.clone());
+        let password = self
             .seen
             .inputs
             .as_ref()
             .ok()
-            .and_then(|i| i.username.clone().zip(i.password.clone()));
-        let outcome = match (marker.personal, login) {
-            (true, Some((username, password))) => {
-                let result = async {
-                    let at = self.connection(None)?;
-                    let ids = self
-                        .env
-                        .awx
-                        .find_tagged_tokens(&at, flavor, &username, &password, &marker.tag)
-                        .await?;
-                    for id in &ids {
-                        self.env
-                            .awx
-                            .delete_token_with_login(&at, flavor, *id, &username, &password)
-                            .await?;
-                    }
-                    Ok::<usize, AwxError>(ids.len())
-                }
-                .await;
-                match result {
-                    Ok(found) => {
-                        info!(found, "cleaned up after an interrupted token request");
-                        self.count_interrupted("cleaned");
-                        if found > 0 {
-                            self.env
-                                .cluster
-                                .publish(
-                                    self.token,
-                                    Event::normal(
-                                        "InterruptedIssueCleaned",
-                                        "Found and deleted the token of an interrupted request",
-                                    ),
-                                )
-                                .await;
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            (true, None) => return Ok(()),
-            (false, _) => {
-                let note = format!(
-                    "A token request started at {} got no complete answer (interrupted, timed \
-                     out or cut off); AWX may hold {} of this user that the operator does not \
-                     know. Revoke it in AWX if it exists (tokens of the user created at that \
-                     time).",
-                    marker.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    if marker.refresh {
-                        "a token (two, when the refresh fell back to the grant)"
-                    } else {
-                        "one token"
-                    }
-                );
-                warn!("{note}");
-                self.count_interrupted("unrecoverable");
-                self.env
-                    .cluster
-                    .publish(self.token, Event::warning("InterruptedIssue", note))
-                    .await;
-                Ok(())
-            }
+            .and_then(|i| i.password.clone());
+        let searchable = username.is_some() && (marker.personal || marker.client_id.is_some());
+        if !searchable {
+            // A client-credentials request (no user to list tokens of), or a marker of an
+            // earlier release: only a person can look.
+            return self.report_unrecoverable(&marker).await;
+        }
+        let username = username.unwrap_or_default();
+        // The user's login; without it, a write-scoped token of the user may list and delete.
+        let current = self
+            .seen
+            .state
+            .current
+            .as_ref()
+            .filter(|c| c.scope.split_whitespace().any(|s| s == "write"))
+            .map(|c| c.token.access_token.to_secret());
+        let login = match (&password, &current) {
+            (Some(password), _) => Login::Password {
+                username: &username,
+                password,
+            },
+            (None, Some(token)) => Login::Bearer(token),
+            (None, None) => return Ok(()),
         };
+        let late = late_end(&marker, self.seen.valid.as_ref().ok());
+        // A search by creation time could take the token of a request in flight in another
+        // process (one that lost its Lease, or its successor) for the lost one. So it starts
+        // with a write conditional on the state read: after it, a request in flight shows in
+        // the state (its marker is written before it is sent), and one that starts later
+        // creates its token after `claimed`, which the search does not look past.
+        let mut claimed = now;
+        if !marker.tagged {
+            let tag = marker.tag.clone();
+            let free = self
+                .edit_state(|s| {
+                    if s.issuing.is_some() {
+                        return Ok(false);
+                    }
+                    if let Some(m) = s.interrupted.iter_mut().find(|m| m.tag == tag) {
+                        m.claimed_at = Some(now);
+                    }
+                    Ok(true)
+                })
+                .await?;
+            if !free {
+                debug!("another request is in flight; looking for the lost token later");
+                return Ok(());
+            }
+            claimed = self.env.clock.now();
+        }
+        let held = held_ids(&self.seen.state);
+        // Held tokens whose id is not known (tagging failed, or issued by an earlier release):
+        // kept out of the search by their creation time. A retiring one whose issue time is
+        // not known either keeps the whole search by creation time from deleting anything.
+        let state = &self.seen.state;
+        // Each with how far its creation time on AWX's clock may be off: a few seconds once
+        // the offset between the clocks is known, else a minute.
+        let known_offset = marker.clock_offset;
+        let held_unknown: Vec<Option<(Timestamp, Duration)>> = state
+            .current
+            .iter()
+            .map(|c| (Some(c.issued_at), c.token.token_id, c.clock_offset))
+            .chain(
+                state
+                    .retiring
+                    .iter()
+                    .map(|r| (r.issued_at, r.token.token_id, r.clock_offset)),
+            )
+            .filter(|(_, id, _)| id.is_none())
+            .map(|(t, _, offset)| {
+                let offset = offset.or(known_offset);
+                let margin = Duration::from_secs(if offset.is_some() { 5 } else { 60 });
+                t.map(|t| (shift(t, offset), Duration::from_secs(3) + margin))
+            })
+            .collect();
+        let result = async {
+            let at = self.connection(None)?;
+            let tagged = TokenQuery {
+                username: Some(&username),
+                description_contains: Some(&marker.tag),
+                ..TokenQuery::default()
+            };
+            let mut kept: Vec<u64> = Vec::new();
+            let mut found: Vec<u64> = self
+                .env
+                .awx
+                .list_tokens(&at, flavor, login, &tagged)
+                .await?
+                .into_iter()
+                .filter(|t| t.description.contains(&marker.tag))
+                .map(|t| t.id)
+                .collect();
+            if !marker.tagged {
+                let (from, to) = search_window(&marker, self.seen.valid.as_ref().ok());
+                // Not past the claim (on AWX's clock, less the margin for the clocks).
+                let to = to.min(schedule::sub(
+                    shift(claimed, marker.clock_offset),
+                    clock_margin(&marker),
+                ));
+                let untagged = TokenQuery {
+                    username: Some(&username),
+                    application: marker.application,
+                    personal: Some(false),
+                    created_from: Some(from),
+                    created_to: Some(to),
+                    description_contains: None,
+                };
+                let listed = self
+                    .env
+                    .awx
+                    .list_tokens(&at, flavor, login, &untagged)
+                    .await?;
+                let candidates = listed
+                    .into_iter()
+                    // Checked here too: a server that ignores a filter must not widen what
+                    // is deleted.
+                    .filter(|t| match marker.application {
+                        Some(app) => t.application == Some(app),
+                        None => t.application.is_some(),
+                    })
+                    .filter(|t| t.created.is_some_and(|c| from <= c && c <= to))
+                    .filter(|t| t.description.is_empty() && !held.contains(&t.id));
+                for t in candidates {
+                    // A held token whose id is not known is told apart by its creation time;
+                    // a candidate too close to it to tell is kept, and reported.
+                    let created = t.created.unwrap_or(from);
+                    let close = held_unknown.iter().any(|h| match h {
+                        Some((h, margin)) => {
+                            schedule::span(*h, created).max(schedule::span(created, *h)) < *margin
+                        }
+                        None => true,
+                    });
+                    if close {
+                        kept.push(t.id);
+                    } else {
+                        found.push(t.id);
+                    }
+                }
+            }
+            found.sort_unstable();
+            found.dedup();
+            for id in &found {
+                self.env
+                    .awx
+                    .delete_token_as(&at, flavor, login, *id)
+                    .await?;
+            }
+            Ok::<(usize, Vec<u64>), AwxError>((found.len(), kept))
+        }
+        .await;
         let tag = marker.tag.clone();
-        match outcome {
-            Ok(()) => {
+        match result {
+            Ok((found, kept)) => {
+                info!(found, "looked for the token of an interrupted request");
+                self.count_interrupted("cleaned");
+                if found > 0 {
+                    self.env
+                        .cluster
+                        .publish(
+                            self.token,
+                            Event::normal(
+                                "InterruptedIssueCleaned",
+                                format!(
+                                    "Found and deleted {found} token(s) of a request whose \
+                                     answer was lost"
+                                ),
+                            ),
+                        )
+                        .await;
+                }
+                let last = marker.searched || now >= late;
+                if last && !kept.is_empty() {
+                    self.report_undecided(&marker, &username, &kept).await;
+                }
                 self.edit_state(|s| {
-                    s.interrupted.retain(|m| m.tag != tag);
+                    if !last {
+                        // Once more, when AWX can no longer be finishing it.
+                        if let Some(m) = s.interrupted.iter_mut().find(|m| m.tag == tag) {
+                            m.searched = true;
+                            m.search_attempts = 0;
+                            m.search_error = None;
+                            m.search_after = Some(late);
+                        }
+                    } else {
+                        s.interrupted.retain(|m| m.tag != tag);
+                    }
                     Ok(())
                 })
                 .await
@@ -707,6 +983,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Err(e) => {
                 warn!(error = %e, "could not look for the token of an interrupted request");
                 let backoff = self.env.settings;
+                let message = e.to_string();
                 self.edit_state(|s| {
                     if let Some(m) = s.interrupted.iter_mut().find(|m| m.tag == tag) {
                         m.search_attempts = m.search_attempts.saturating_add(1);
@@ -717,12 +994,58 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                             crate::decide::jitter(&[&tag, &m.search_attempts.to_string()]),
                         );
                         m.search_after = Some(schedule::add(now, wait));
+                        m.search_error = Some(message.clone());
                     }
                     Ok(())
                 })
                 .await
             }
         }
+    }
+
+    /// Tokens that may be an interrupted request's, or the held token whose id is not known:
+    /// created too close together to tell apart. A Warning for a person, who can.
+    async fn report_undecided(&self, marker: &IssueIntent, username: &str, ids: &[u64]) {
+        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+        let note = format!(
+            "A token request started at {} got no complete answer; AWX token(s) {} of user              {username} were created then, too close to the token the Secret holds to tell              which is which, so none was deleted. Delete in AWX the one(s) the Secret does not              hold (compare with /api/v2/me/ or the token's last use).",
+            marker.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            ids.join(", ")
+        );
+        warn!("{note}");
+        self.count_interrupted("unrecoverable");
+        self.env
+            .cluster
+            .publish(self.token, Event::warning("InterruptedIssue", note))
+            .await;
+    }
+
+    /// An interrupted request whose token cannot be looked for: a Warning for a person.
+    async fn report_unrecoverable(&mut self, marker: &IssueIntent) -> Result<(), Error> {
+        let note = format!(
+            "A token request started at {} got no complete answer (interrupted, timed out or \
+             cut off); AWX may hold {} that the operator cannot look for (a client-credentials \
+             grant lists no user's tokens). Revoke it in AWX if it exists (tokens of the \
+             application created at that time).",
+            marker.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            if marker.refresh {
+                "a token (two, when the refresh fell back to the grant)"
+            } else {
+                "one token"
+            }
+        );
+        warn!("{note}");
+        self.count_interrupted("unrecoverable");
+        self.env
+            .cluster
+            .publish(self.token, Event::warning("InterruptedIssue", note))
+            .await;
+        let tag = marker.tag.clone();
+        self.edit_state(|s| {
+            s.interrupted.retain(|m| m.tag != tag);
+            Ok(())
+        })
+        .await
     }
 
     fn count_interrupted(&self, outcome: &'static str) {
@@ -1123,7 +1446,66 @@ fn held_token(
         verify_failed_at: None,
         rejected_at: None,
         refresh_broken: false,
+        clock_offset: issued
+            .answered_at
+            .map(|awx| awx.as_second() - now.as_second()),
+        application_id: issued.application,
     }
+}
+
+/// How long after a request AWX may still finish it: its web server gives up on a request
+/// after 120 s (uwsgi's harakiri, nginx's upstream timeout in AWX's deployment).
+const LATE_COMMIT: Duration = Duration::from_secs(120);
+
+/// Margin for the clocks of AWX and this process, and AWX's time to answer.
+fn clock_margin(marker: &IssueIntent) -> Duration {
+    if marker.clock_offset.is_some() {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    }
+}
+
+/// `t` on AWX's clock.
+fn shift(t: Timestamp, offset: Option<i64>) -> Timestamp {
+    let offset = offset.unwrap_or(0);
+    let d = Duration::from_secs(offset.unsigned_abs());
+    if offset >= 0 {
+        schedule::add(t, d)
+    } else {
+        schedule::sub(t, d)
+    }
+}
+
+/// When AWX can no longer be finishing the marker's request (on this process's clock).
+fn late_end(marker: &IssueIntent, valid: Option<&ValidSpec>) -> Timestamp {
+    let timeout = valid.map_or(Duration::from_secs(30), |v| v.timeout);
+    // Past the end of the search window by a margin: the last search then looks up to it.
+    schedule::add(
+        marker.started_at,
+        timeout.max(LATE_COMMIT) + clock_margin(marker) * 2,
+    )
+}
+
+/// The creation times (on AWX's clock) of a token the marker's request may have made.
+fn search_window(marker: &IssueIntent, valid: Option<&ValidSpec>) -> (Timestamp, Timestamp) {
+    let start = shift(marker.started_at, marker.clock_offset);
+    let timeout = valid.map_or(Duration::from_secs(30), |v| v.timeout);
+    (
+        schedule::sub(start, clock_margin(marker)),
+        schedule::add(start, timeout.max(LATE_COMMIT) + clock_margin(marker)),
+    )
+}
+
+/// The ids of the tokens the state holds, where known.
+fn held_ids(state: &TokenState) -> Vec<u64> {
+    state
+        .current
+        .iter()
+        .map(|c| &c.token)
+        .chain(state.retiring.iter().map(|r| &r.token))
+        .filter_map(|t| t.token_id)
+        .collect()
 }
 
 fn scope(s: ScopeSpec) -> Scope {

@@ -389,13 +389,18 @@ pub fn renewal_time(uid: &str, current: &HeldToken, valid: &ValidSpec) -> Timest
     .renewal_time()
 }
 
-/// The first interrupted request whose token is due to be looked for. Personal tokens need
-/// the user's login; an application token's request is only reported (no search).
+/// The first interrupted request whose token is due to be looked for. Looking needs the
+/// user's login or a write-scoped token of the user; a request that cannot be looked for is
+/// only reported.
 fn search_due(f: &Facts<'_>) -> Option<usize> {
+    let login = f.inputs.is_ok_and(|inputs| inputs.user_login)
+        || f.state
+            .current
+            .as_ref()
+            .is_some_and(|c| c.scope.split_whitespace().any(|s| s == "write"));
     f.state.interrupted.iter().position(|i| {
         let due = i.search_after.is_none_or(|at| at <= f.now);
-        let possible = !i.personal || f.inputs.is_ok_and(|inputs| inputs.user_login);
-        due && possible
+        due && (!i.searchable() || login)
     })
 }
 

@@ -70,6 +70,38 @@ async fn awx_issues(h: &Harness, access: &str, refresh: &str, expires_in: u64) {
         .await;
 }
 
+/// The user sees no application (`GET /api/v2/applications/`, docs/awx-protocol.md#list-permissions),
+/// so the operator runs the grant; then `GET /api/v2/tokens/` lists the one application token
+/// AWX just created, untagged, as `id`, and `PATCH /api/v2/tokens/{id}/` accepts its tag
+/// (docs/awx-protocol.md#interrupted-requests).
+async fn awx_lists_the_new_token(h: &Harness, id: u64) {
+    Mock::given(method("GET"))
+        .and(path("/api/v2/applications/"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"count": 0, "next": null, "previous": null, "results": []})),
+        )
+        .mount(h.awx())
+        .await;
+    let created = Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    Mock::given(method("GET"))
+        .and(path("/api/v2/tokens/"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "count": 1, "next": null, "previous": null,
+            "results": [{"id": id, "type": "o_auth2_access_token", "user": 7, "application": 3,
+                         "description": "", "created": created, "scope": "write"}],
+        })))
+        .mount(h.awx())
+        .await;
+    Mock::given(method("PATCH"))
+        .and(path(format!("/api/v2/tokens/{id}/")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": id})))
+        .mount(h.awx())
+        .await;
+}
+
 /// `POST /api/o/revoke_token/` success: 200, empty body (docs/awx-protocol.md#revoke-token); then `GET /api/v2/me/` with the
 /// revoked token: 401 (docs/awx-protocol.md#verify).
 async fn awx_revokes(h: &Harness) {
@@ -140,6 +172,7 @@ fn first_issue_script(token: &AwxToken) -> Vec<fx::Expected> {
 async fn issue_first(h: &mut Harness) -> (Run, World) {
     let token = fx::awx_token(&h.awx_url());
     awx_issues(h, ACCESS, REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+    awx_lists_the_new_token(h, 41).await;
     let created = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let mut script = first_issue_script(&token);
     script[3] = post(
@@ -223,8 +256,11 @@ async fn first_issue_marks_the_request_stores_the_token_then_writes_the_secret()
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            "awx GET /api/v2/applications/".to_string(),
             format!("k8s POST {SECRETS}"),
             "awx POST /api/o/token/".to_string(),
+            "awx GET /api/v2/tokens/".to_string(),
+            "awx PATCH /api/v2/tokens/41/".to_string(),
             format!("k8s PUT {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {TARGET}"),
@@ -268,6 +304,23 @@ async fn first_issue_marks_the_request_stores_the_token_then_writes_the_secret()
         .expect("the marker is saved before the request");
     assert!(marker.tag.starts_with("awxto-") && !marker.personal && !marker.gateway);
     assert_eq!(marker.holder, h.ctx.settings.identity);
+    // The grant's token came untagged: the one new application token of the user is tagged
+    // with the request's tag, and its id is kept, so a lost answer later is found by the tag.
+    assert!(!marker.tagged);
+    let tagged = &run.awx(Method::PATCH, "/api/v2/tokens/41/")[0];
+    assert_eq!(
+        tagged.json()["description"],
+        json!(format!("awx-token-operator apps/ci-bot [{}]", marker.tag))
+    );
+    let listed = &run.awx(Method::GET, "/api/v2/tokens/")[0];
+    assert!(
+        listed
+            .query
+            .contains(&format!("user__username={}", fx::USERNAME))
+            && listed.query.contains("application__isnull=false"),
+        "{}",
+        listed.query
+    );
     // The token is recorded by a replace conditional on the version the create returned.
     let replaced = &run.kube(Method::PUT, STATE)[0].body;
     assert_eq!(
@@ -440,8 +493,10 @@ async fn renewal_issues_a_new_token_and_keeps_the_old_one_until_the_grace_period
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            "awx GET /api/v2/applications/".to_string(),
             format!("k8s PUT {STATE}"),
             "awx POST /api/o/token/".to_string(),
+            "awx GET /api/v2/tokens/".to_string(),
             format!("k8s PUT {STATE}"),
             format!("k8s POST {EVENTS}"),
             format!("k8s PATCH {TARGET}"),
@@ -845,6 +900,7 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
             format!("k8s GET {STATE}"),
             format!("k8s GET {TARGET}"),
             format!("k8s GET {CREDENTIALS}"),
+            "awx GET /api/v2/applications/".to_string(),
             format!("k8s POST {SECRETS}"),
             "awx POST /api/o/token/".to_string(),
             format!("k8s PUT {STATE}"),
@@ -983,4 +1039,320 @@ async fn a_rotation_during_an_outage_tries_once_then_backs_off() {
         )
         .await;
     assert_eq!(run.timeline().len(), 3, "{:?}", run.timeline());
+}
+
+// ------------------------------------------------------------------ interrupted requests
+
+/// A token row as AWX lists it at `GET /api/v2/tokens/` (docs/awx-protocol.md#fields).
+fn listed(id: u64, application: Option<u64>, created: Timestamp, description: &str) -> Value {
+    json!({
+        "id": id, "type": "o_auth2_access_token", "user": 7, "application": application,
+        "description": description, "scope": "write",
+        "created": created.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+    })
+}
+
+/// AWX's token list over `rows`, paginated by the request's `page_size` and `page`
+/// (docs/awx-protocol.md#pagination). It applies no field filter, as a server that ignores
+/// one would: what is deleted must not depend on the filters alone. `refuse` answers every
+/// listing with that status instead.
+async fn awx_lists(h: &Harness, rows: Vec<Value>, refuse: Option<u16>) {
+    Mock::given(method("GET"))
+        .and(path("/api/v2/tokens/"))
+        .respond_with(move |request: &wiremock::Request| {
+            if let Some(status) = refuse {
+                return ResponseTemplate::new(status).set_body_json(
+                    json!({"detail": "You do not have permission to perform this action."}),
+                );
+            }
+            let param = |name: &str| {
+                request
+                    .url
+                    .query_pairs()
+                    .find(|(k, _)| k == name)
+                    .and_then(|(_, v)| v.parse::<usize>().ok())
+            };
+            let size = param("page_size").unwrap_or(25);
+            let page = param("page").unwrap_or(1);
+            let start = (page - 1) * size;
+            if page > 1 && start >= rows.len() {
+                return ResponseTemplate::new(404)
+                    .set_body_json(json!({"detail": "Invalid page."}));
+            }
+            let results: Vec<Value> = rows.iter().skip(start).take(size).cloned().collect();
+            let next =
+                (start + size < rows.len()).then(|| format!("/api/v2/tokens/?page={}", page + 1));
+            ResponseTemplate::new(200).set_body_json(json!({
+                "count": rows.len(), "next": next, "previous": null, "results": results,
+            }))
+        })
+        .mount(h.awx())
+        .await;
+    Mock::given(method("DELETE"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(h.awx())
+        .await;
+}
+
+const APP: u64 = 3;
+
+/// A Ready AwxToken whose state holds token 41 and the marker of an untagged password grant
+/// of application 3, started `started` ago, whose answer was lost.
+async fn interrupted(h: &mut Harness, started: SignedDuration) -> (World, TokenState, Timestamp) {
+    let (_, world) = issue_first(h).await;
+    h.awx().reset().await;
+    let mut state = fx::state_of(&world.state);
+    let at = Timestamp::now() - started;
+    state.interrupted.push(crate::state::IssueIntent {
+        tag: "awxto-00000000000000aa".into(),
+        started_at: at,
+        personal: false,
+        gateway: false,
+        refresh: false,
+        holder: h.ctx.settings.identity.clone(),
+        tagged: false,
+        username: Some(fx::USERNAME.into()),
+        client_id: Some(fx::CLIENT_ID.into()),
+        application: Some(APP),
+        clock_offset: Some(0),
+        searched: false,
+        search_error: None,
+        claimed_at: None,
+        search_attempts: 0,
+        search_after: None,
+    });
+    (world, state, at)
+}
+
+/// One reconcile that looks: an event only when it found something to delete.
+async fn search_once(h: &mut Harness, world: &World, state: &TokenState, found: bool) -> Run {
+    let mut script = vec![
+        get(STATE, Reply::object(state_object(&world.token, state))),
+        get(TARGET, Reply::object(world.target.clone())),
+        get(CREDENTIALS, Reply::object(fx::credentials())),
+        // The claim, then the outcome.
+        put(STATE, Reply::stored(false)),
+        put(STATE, Reply::stored(false)),
+        patch(STATUS, Reply::status_of(&world.token)),
+    ];
+    if found {
+        script.insert(4, post(EVENTS, Reply::stored(true)));
+    }
+    h.reconcile(&world.token, script).await
+}
+
+fn deleted(run: &Run) -> Vec<String> {
+    run.timeline()
+        .into_iter()
+        .filter(|c| c.starts_with("awx DELETE"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_interrupted_grant_s_token_is_found_by_user_application_and_time_and_deleted() {
+    let mut h = Harness::start().await;
+    let (world, state, at) = interrupted(&mut h, SignedDuration::from_secs(30)).await;
+    let soon = at + SignedDuration::from_secs(1);
+    awx_lists(
+        &h,
+        vec![
+            listed(
+                41,
+                Some(APP),
+                soon,
+                "awx-token-operator apps/ci-bot [awxto-1]",
+            ),
+            // Made by the lost request: same user and application, untagged, in the window.
+            listed(42, Some(APP), soon, ""),
+        ],
+        None,
+    )
+    .await;
+
+    let run = search_once(&mut h, &world, &state, true).await;
+
+    assert_eq!(deleted(&run), ["awx DELETE /api/v2/tokens/42/"]);
+    let untagged = run
+        .awx(Method::GET, "/api/v2/tokens/")
+        .into_iter()
+        .find(|c| c.query.contains("created__gte"))
+        .expect("a listing by creation time");
+    for filter in [
+        format!("user__username={}", fx::USERNAME),
+        format!("application={APP}"),
+        "application__isnull=false".into(),
+    ] {
+        assert!(
+            untagged.query.contains(&filter),
+            "{filter} in {}",
+            untagged.query
+        );
+    }
+    let delete = &run.awx(Method::DELETE, "/api/v2/tokens/42/")[0];
+    assert!(
+        delete
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Basic ")),
+        "deleted with the user's login"
+    );
+    assert_eq!(
+        last_body(&run, Method::POST, EVENTS)["reason"],
+        "InterruptedIssueCleaned"
+    );
+    // AWX may still be finishing the request: looked for once more, when it cannot be.
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    let marker = &saved.interrupted[0];
+    assert!(marker.searched);
+    assert_eq!(
+        marker.search_after,
+        Some(at + SignedDuration::from_secs(120 + 2 * 5))
+    );
+    assert_eq!(saved.current, state.current, "the held token is untouched");
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "CleanupPending")["status"], "True");
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    run.assert_not_leaked(&SECRET_VALUES);
+}
+
+#[tokio::test]
+async fn an_interrupted_grant_that_created_nothing_deletes_nothing_and_is_done_when_too_late() {
+    let mut h = Harness::start().await;
+    // Started 10 minutes ago: AWX cannot be finishing it, so one look settles it.
+    let (world, state, _) = interrupted(&mut h, SignedDuration::from_mins(10)).await;
+    awx_lists(&h, vec![], None).await;
+
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(state_object(&world.token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+            ],
+        )
+        .await;
+
+    assert!(deleted(&run).is_empty());
+    assert!(run.kube(Method::POST, EVENTS).is_empty(), "nothing to tell");
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(saved.interrupted.is_empty(), "the marker is settled");
+    // Nothing changed for the status: the token was Ready and no search is left.
+    assert_eq!(saved.current, state.current);
+}
+
+#[tokio::test]
+async fn tokens_of_another_application_personal_or_outside_the_window_are_kept() {
+    let mut h = Harness::start().await;
+    let (world, state, at) = interrupted(&mut h, SignedDuration::from_secs(30)).await;
+    let soon = at + SignedDuration::from_secs(1);
+    awx_lists(
+        &h,
+        vec![
+            listed(50, Some(APP + 1), soon, ""),
+            listed(51, None, soon, ""),
+            listed(52, Some(APP), at - SignedDuration::from_secs(60), ""),
+            listed(53, Some(APP), at + SignedDuration::from_secs(600), ""),
+            listed(54, Some(APP), soon, "made by a person"),
+        ],
+        None,
+    )
+    .await;
+
+    let run = search_once(&mut h, &world, &state, false).await;
+
+    assert!(deleted(&run).is_empty(), "{:?}", deleted(&run));
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(
+        saved.interrupted[0].searched,
+        "looked once, once more later"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_listing_keeps_the_marker_and_retries_with_backoff() {
+    let mut h = Harness::start().await;
+    let (world, state, _) = interrupted(&mut h, SignedDuration::from_secs(30)).await;
+    awx_lists(&h, vec![], Some(403)).await;
+
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(state_object(&world.token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&world.token)),
+            ],
+        )
+        .await;
+
+    assert!(deleted(&run).is_empty());
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    let marker = &saved.interrupted[0];
+    assert!(!marker.searched);
+    assert_eq!(marker.search_attempts, 1);
+    let after = marker.search_after.expect("a retry time");
+    assert!(
+        between(
+            after,
+            Timestamp::now() + SignedDuration::from_secs(2),
+            Timestamp::now() + SignedDuration::from_secs(10)
+        ),
+        "backoff: {after}"
+    );
+    assert!(
+        marker
+            .search_error
+            .as_deref()
+            .is_some_and(|e| e.contains("403")),
+        "{:?}",
+        marker.search_error
+    );
+    let status = last_body(&run, Method::PATCH, STATUS);
+    let pending = condition(status, "CleanupPending");
+    assert_eq!(pending["status"], "True");
+    assert_eq!(pending["reason"], "SearchFailing");
+    assert_eq!(
+        condition(status, "Ready")["status"],
+        "True",
+        "the Secret still works"
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
+}
+
+#[tokio::test]
+async fn the_lost_token_is_found_on_the_second_page() {
+    let mut h = Harness::start().await;
+    let (world, state, at) = interrupted(&mut h, SignedDuration::from_secs(30)).await;
+    let soon = at + SignedDuration::from_secs(1);
+    // 200 tokens of other AwxTokens of the same user and application, tagged, then the lost one.
+    let mut rows: Vec<Value> = (100..300)
+        .map(|id| {
+            listed(
+                id,
+                Some(APP),
+                soon,
+                &format!("awx-token-operator apps/o{id} [awxto-{id}]"),
+            )
+        })
+        .collect();
+    rows.push(listed(300, Some(APP), soon, ""));
+    awx_lists(&h, rows, None).await;
+
+    let run = search_once(&mut h, &world, &state, true).await;
+
+    assert_eq!(deleted(&run), ["awx DELETE /api/v2/tokens/300/"]);
+    let pages: Vec<String> = run
+        .awx(Method::GET, "/api/v2/tokens/")
+        .into_iter()
+        .filter(|c| c.query.contains("created__gte"))
+        .map(|c| c.query.clone())
+        .collect();
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert!(pages[1].contains("page=2") && pages[1].contains("page_size=200"));
 }

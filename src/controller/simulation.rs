@@ -38,7 +38,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use super::{
     Clock, Settings,
-    awx_api::{AwxApi, Connection},
+    awx_api::{AwxApi, Connection, ExclusiveGuard},
     cluster::{Cluster, Event},
     execute::{self, Env},
     status,
@@ -46,8 +46,9 @@ use super::{
 use crate::{
     Error,
     awx::{
-        AwxError, AwxUser, ClientCredentials, Flavor, IssuedToken, RequestLimits,
-        RevocationCredentials, Scope, TokenGrant, TokenKind, TokenToRevoke,
+        AwxError, AwxUser, ClientCredentials, Flavor, IssuedToken, ListedToken, Login,
+        RequestLimits, RevocationCredentials, Scope, TokenGrant, TokenKind, TokenQuery,
+        TokenToRevoke,
     },
     crd::{AwxToken, AwxTokenStatus, FlavorSpec, ROTATE_ANNOTATION, RolloutRestartTarget},
     metrics::Metrics,
@@ -84,6 +85,7 @@ struct AwxTokenRow {
     user: String,
     personal: bool,
     description: String,
+    created: Timestamp,
     alive: bool,
     /// Deleted by an AWX admin, not by the operator.
     deleted_by_admin: bool,
@@ -119,6 +121,8 @@ struct World {
     skips: Vec<(tokio::time::Instant, String)>,
     /// Every operation, when replaying one seed.
     trace: Option<Vec<String>>,
+    /// The users see the application (AWX then creates its tokens through the REST API).
+    app_visible: bool,
 }
 
 impl World {
@@ -455,6 +459,7 @@ impl Sim {
     }
 
     fn create(&self, user: &str, personal: bool, description: &str) -> IssuedToken {
+        let created = Clock::now(self);
         let mut world = lock(&self.world);
         world.next_id += 1;
         let id = world.next_id;
@@ -469,6 +474,7 @@ impl Sim {
             user: user.to_string(),
             personal,
             description: description.to_string(),
+            created,
             alive: true,
             deleted_by_admin: false,
         });
@@ -477,13 +483,43 @@ impl Sim {
             refresh_token: refresh.map(SecretString::from),
             expires_at: None,
             scope: "write".into(),
-            token_id: personal.then_some(id),
+            // Tokens created through the REST API (with a description) come with their id.
+            token_id: (!description.is_empty()).then_some(id),
             user: Some(user.to_string()),
             kind: if personal {
                 TokenKind::Personal
             } else {
                 TokenKind::Application
             },
+            application: (!personal && !description.is_empty()).then_some(1),
+            answered_at: Some(created),
+        }
+    }
+
+    /// The user a REST call authenticates as (one request), or why not.
+    async fn login_user(&self, login: Login<'_>) -> Result<String, AwxError> {
+        let claimed = match login {
+            Login::Password { username, .. } => username.to_string(),
+            Login::Bearer(_) => String::new(),
+        };
+        let fate = self.request(&claimed, false).await;
+        if let Some(e) = Self::fate_error(&fate) {
+            return Err(e);
+        }
+        match login {
+            Login::Password { username, password } if self.login_ok(username, password) => {
+                Ok(username.to_string())
+            }
+            Login::Bearer(token) => lock(&self.world)
+                .tokens
+                .iter()
+                .find(|t| t.alive && t.value == token.expose_secret())
+                .map(|t| t.user.clone())
+                .ok_or(AwxError::TokenRejected {
+                    at: at(),
+                    status: 401,
+                }),
+            _ => Err(refused_login()),
         }
     }
 
@@ -670,6 +706,108 @@ impl AwxApi for Sim {
             .collect())
     }
 
+    async fn application_id(
+        &self,
+        _: &Connection,
+        _: Flavor,
+        username: &str,
+        password: &SecretString,
+        _: &str,
+    ) -> Result<Option<u64>, AwxError> {
+        let fate = self.request(username, false).await;
+        if let Some(e) = Self::fate_error(&fate) {
+            return Err(e);
+        }
+        if !self.login_ok(username, password) {
+            return Err(refused_login());
+        }
+        Ok(lock(&self.world).app_visible.then_some(1))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: &Connection,
+        _: Flavor,
+        login: Login<'_>,
+        query: &TokenQuery<'_>,
+    ) -> Result<Vec<ListedToken>, AwxError> {
+        let user = self.login_user(login).await?;
+        let mut world = lock(&self.world);
+        world.trace(|| {
+            format!(
+                "  awx lists tokens of {user}: from {:?} to {:?}, personal {:?}, tag {:?}",
+                query.created_from, query.created_to, query.personal, query.description_contains
+            )
+        });
+        Ok(world
+            .tokens
+            .iter()
+            .filter(|t| t.alive && t.user == user)
+            .filter(|t| query.username.is_none_or(|u| u == t.user))
+            .filter(|t| query.personal.is_none_or(|p| p == t.personal))
+            .filter(|t| query.created_from.is_none_or(|f| t.created >= f))
+            .filter(|t| query.created_to.is_none_or(|to| t.created <= to))
+            .filter(|t| {
+                query
+                    .description_contains
+                    .is_none_or(|d| t.description.contains(d))
+            })
+            .map(|t| ListedToken {
+                id: t.id,
+                user: None,
+                application: (!t.personal).then_some(1),
+                created: Some(t.created),
+                description: t.description.clone(),
+            })
+            .collect())
+    }
+
+    async fn describe_token(
+        &self,
+        _: &Connection,
+        _: Flavor,
+        login: Login<'_>,
+        id: u64,
+        description: &str,
+    ) -> Result<(), AwxError> {
+        let user = self.login_user(login).await?;
+        let mut world = lock(&self.world);
+        world.trace(|| format!("  awx tagged token {id} ({description})"));
+        if let Some(t) = world
+            .tokens
+            .iter_mut()
+            .find(|t| t.id == id && t.alive && t.user == user)
+        {
+            t.description = description.to_string();
+        }
+        Ok(())
+    }
+
+    async fn delete_token_as(
+        &self,
+        _: &Connection,
+        _: Flavor,
+        login: Login<'_>,
+        id: u64,
+    ) -> Result<(), AwxError> {
+        let user = self.login_user(login).await?;
+        let mut world = lock(&self.world);
+        world.trace(|| format!("  awx deleted token {id}"));
+        if let Some(t) = world
+            .tokens
+            .iter_mut()
+            .find(|t| t.id == id && t.user == user)
+        {
+            t.alive = false;
+        }
+        Ok(())
+    }
+
+    async fn exclusive(&self, _: String) -> ExclusiveGuard {
+        // One reconcile at a time per process in the simulation: nothing to hold off.
+        ExclusiveGuard::none()
+    }
+
     async fn delete_token_with_login(
         &self,
         _: &Connection,
@@ -776,6 +914,7 @@ impl Run {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let flakiness = if rng.random_bool(0.5) { 0.0 } else { 0.15 };
+        let app_visible = rng.random_bool(0.5);
         let objects = vec![
             object("reissue", "Password", false, 1),
             object("refresh", "Password", true, 2),
@@ -797,6 +936,7 @@ impl Run {
             flakiness,
             skips: Vec::new(),
             trace: std::env::var("AWXTO_SIM_SEED").is_ok().then(Vec::new),
+            app_visible,
         };
         for o in &objects {
             let password = format!("pw-{}-0", o.user);
@@ -1159,8 +1299,8 @@ impl Run {
             if !(held || marked || reported) {
                 return Err(format!(
                     "token {} of {} is alive in AWX, held by nobody, and no marker or warning \
-                     accounts for it",
-                    t.id, t.user
+                     accounts for it (description {:?}, created {:?}; state {:?})",
+                    t.id, t.user, t.description, t.created, state
                 ));
             }
         }

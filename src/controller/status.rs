@@ -16,6 +16,8 @@ pub const READY: &str = "Ready";
 /// True while the token in the Secret works but renewing it fails (or cannot be tried).
 pub const RENEWAL_FAILED: &str = "RenewalFailed";
 pub const INSECURE_TLS: &str = "InsecureTls";
+/// True while token requests whose answer was lost are still to be looked for in AWX.
+pub const CLEANUP_PENDING: &str = "CleanupPending";
 
 /// Why things are not as they should be, most fundamental first.
 struct Problem {
@@ -142,6 +144,36 @@ pub fn render(
         ),
         (None, _) => status.conditions.retain(|c| c.type_ != RENEWAL_FAILED),
     }
+    let lost = &state.interrupted;
+    if lost.is_empty() {
+        status.conditions.retain(|c| c.type_ != CLEANUP_PENDING);
+    } else {
+        let failing = lost.iter().find_map(|m| m.search_error.as_deref());
+        let next = lost.iter().filter_map(|m| m.search_after).min();
+        let mut message = format!(
+            "{} token request(s) got no complete answer; AWX may hold their tokens, which are \
+             looked for and deleted",
+            lost.len()
+        );
+        if let Some(next) = next {
+            message.push_str(&format!("; next look at {}", fmt_time(next)));
+        }
+        if let Some(error) = failing {
+            message.push_str(&format!("; the last look failed: {error}"));
+        }
+        set_condition(
+            &mut status.conditions,
+            CLEANUP_PENDING,
+            true,
+            if failing.is_some() {
+                "SearchFailing"
+            } else {
+                "SearchPending"
+            },
+            &message,
+            now,
+        );
+    }
     if f.spec.awx.insecure_skip_tls_verify {
         set_condition(
             &mut status.conditions,
@@ -155,9 +187,9 @@ pub fn render(
         status.conditions.retain(|c| c.type_ != INSECURE_TLS);
     }
     // Conditions of earlier versions (Issuing) are dropped.
-    status
-        .conditions
-        .retain(|c| [READY, RENEWAL_FAILED, INSECURE_TLS].contains(&c.type_.as_str()));
+    status.conditions.retain(|c| {
+        [READY, RENEWAL_FAILED, INSECURE_TLS, CLEANUP_PENDING].contains(&c.type_.as_str())
+    });
     status
 }
 

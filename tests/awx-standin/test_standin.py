@@ -872,6 +872,27 @@ def test_token_list_visibility(awx):
     assert at["access_token"]
 
 
+def test_application_list_shows_the_callers_applications_without_secrets(awx):
+    alice, apw = awx.user()
+    bob, bpw = awx.user()
+    admin, dpw = awx.user(superuser=True)
+    mine = [awx.app(owner=alice) for _ in range(3)]
+    other = awx.app(owner=bob)
+    r = awx.get("/api/v2/applications/?order_by=id&page_size=2", auth=(alice, apw))
+    assert r.status_code == 200
+    page = r.json()
+    assert page["count"] == 3 and page["next"] and len(page["results"]) == 2
+    rest = awx.get(page["next"], auth=(alice, apw)).json()
+    listed = page["results"] + rest["results"]
+    assert [a["client_id"] for a in listed] == [a["client_id"] for a in mine]
+    assert [a["id"] for a in listed] == [a["id"] for a in mine]
+    assert all("client_secret" not in a for a in listed)
+    everyone = awx.get("/api/v2/applications/?page_size=200", auth=(admin, dpw)).json()
+    assert other["client_id"] in {a["client_id"] for a in everyone["results"]}
+    assert awx.get("/api/v2/applications/?page=9", auth=(bob, bpw)).status_code == 404
+    assert awx.get("/api/v2/applications/").status_code == 401
+
+
 def test_token_list_filters(awx):
     user, pw = awx.user()
     app = awx.app()

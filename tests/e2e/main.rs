@@ -70,6 +70,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(chart::chart_rbac_cluster_wide_install_runs_the_operator),
         scenario!(chart::chart_examples_and_plain_manifests_pass_server_dry_run),
         scenario!(reliability::crash_torture_kills_never_break_or_leak_tokens),
+        scenario!(reliability::crash_torture_gateway_kills_never_break_or_leak_tokens),
         // Scenarios named serial_* disturb the whole cluster: they run alone, after the rest.
         scenario!(reliability::serial_apiserver_restart_is_survived),
     ]

@@ -85,13 +85,22 @@ pub async fn ops_leader_election_single_issuer_and_takeover(env: Arc<Env>) -> Te
     )
     .await?;
     let mut token = before;
-    for _ in 0..2 {
+    let mut renewed = 0;
+    while renewed < 2 {
         token = wait_token(&env, &s.ns, "l0", Some(&token)).await?;
-        ensure_eq!(
-            s.awx.whoami(&token).await?,
-            Some(s.user.clone()),
-            "renewed by the new leader"
-        );
+        match s.awx.whoami(&token).await? {
+            Some(user) if user == s.user => renewed += 1,
+            other => {
+                // A refresh revokes the access token it replaces at once (AWX's refresh
+                // grant), before the Secret changes: on a loaded machine the token read may
+                // already be replaced. It may be dead only if the Secret has moved on.
+                let now = env.secret_value(&s.ns, "l0", "token").await?;
+                ensure!(
+                    now.as_deref() != Some(token.as_str()),
+                    "renewed by the new leader: the Secret's token answers {other:?}"
+                );
+            }
+        }
     }
     let requests = s.awx.requests().await?;
     let refreshes = requests

@@ -65,6 +65,8 @@ fn held(value: &str, issued: Timestamp) -> HeldToken {
         verify_failed_at: None,
         rejected_at: None,
         refresh_broken: false,
+        clock_offset: None,
+        application_id: None,
     }
 }
 
@@ -78,6 +80,14 @@ fn marker(holder: &str, started: Timestamp) -> IssueIntent {
         holder: holder.into(),
         search_attempts: 0,
         search_after: None,
+        tagged: false,
+        username: Some("bot".into()),
+        client_id: Some("app".into()),
+        application: None,
+        clock_offset: None,
+        searched: false,
+        search_error: None,
+        claimed_at: None,
     }
 }
 
@@ -314,7 +324,7 @@ fn a_marker_of_this_process_is_claimed_at_once_another_after_the_timeout() {
 }
 
 #[test]
-fn interrupted_personal_requests_are_searched_with_the_login_application_ones_reported() {
+fn interrupted_requests_are_searched_with_a_login_or_a_write_token_others_reported() {
     let mut w = World::healthy();
     w.state.interrupted.push(IssueIntent {
         personal: true,
@@ -322,11 +332,25 @@ fn interrupted_personal_requests_are_searched_with_the_login_application_ones_re
     });
     assert_eq!(w.next(), Next::Search(0));
     w.inputs = Err(("CredentialsNotFound".into(), "gone".into()));
-    assert_ne!(w.next(), Next::Search(0), "no login, no search");
+    // The held token has write scope: it may list and delete the user's tokens.
+    assert_eq!(w.next(), Next::Search(0), "the held write token looks");
+    w.state.current.as_mut().unwrap().scope = "read".into();
+    assert_ne!(
+        w.next(),
+        Next::Search(0),
+        "no login, no write token, no search"
+    );
+    // A client-credentials request (no user) can only be reported, which needs no login.
+    w.state.interrupted[0] = IssueIntent {
+        username: None,
+        ..marker(ME, t(-5))
+    };
+    assert_eq!(w.next(), Next::Search(0), "reported without a login");
     w.inputs = Ok(("fp".into(), Some("app".into()), true));
+    w.state.interrupted[0] = marker(ME, t(-5));
     w.state.interrupted[0].search_after = Some(t(60));
     assert_eq!(w.next(), Next::Done(Wake::At(t(60))));
-    w.state.interrupted[0] = marker(ME, t(-5));
+    w.state.interrupted[0].search_after = None;
     assert_eq!(w.next(), Next::Search(0));
 }
 
@@ -335,6 +359,8 @@ fn retiring(value: &str, after: Timestamp) -> RetiringToken {
         token: record(value),
         revoke_after: after,
         failed_attempts: 0,
+        issued_at: None,
+        clock_offset: None,
     }
 }
 

@@ -21,6 +21,7 @@ urlpatterns += [
     path("api/o/revoke_token/", v.oauth_revoke),
     path("api/o/authorize/", v.oauth_authorize),
     path(P + "config/", v.config),
+    path(P + "applications/", v.applications),
     path(P + "applications/<int:pk>/tokens/", v.application_tokens),
 ]
 

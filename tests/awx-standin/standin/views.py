@@ -440,6 +440,27 @@ def user_sublist(kind):
     return view
 
 
+@api_view(["GET"])
+def applications(request, user, token):
+    """AWX OAuth2ApplicationList (read-only here): the applications of the organizations the
+    caller belongs to, every one for a superuser. The stand-in has no organizations: a user
+    sees the applications created for them. The client secret is never listed."""
+    qs = Application.objects.all() if user.is_superuser else Application.objects.filter(user=user)
+    drf_request = DRFRequest(request)
+    pager = Pagination()
+    try:
+        page = pager.paginate_queryset(qs.order_by("id"), drf_request, ListView())
+    except APIException as e:
+        return jresp({"detail": e.detail}, e.status_code)
+    return jresp(pager.answer([{
+        "id": a.id, "type": "o_auth2_application", "url": "%sapplications/%d/" % (API, a.id),
+        "name": a.name, "description": "", "client_id": a.client_id,
+        "client_type": a.client_type, "authorization_grant_type": a.authorization_grant_type,
+        "redirect_uris": a.redirect_uris, "skip_authorization": a.skip_authorization,
+        "created": ts(a.created), "modified": ts(a.updated),
+    } for a in page]))
+
+
 @api_view(["GET", "POST"])
 def application_tokens(request, user, token, pk):
     if not Application.objects.filter(id=pk).exists():
