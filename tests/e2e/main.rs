@@ -8,6 +8,7 @@
 #[macro_use]
 mod support;
 mod chart;
+mod image;
 mod ops;
 mod reconciler;
 mod reliability;
@@ -69,6 +70,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(chart::chart_rbac_namespaced_install_runs_the_operator),
         scenario!(chart::chart_rbac_cluster_wide_install_runs_the_operator),
         scenario!(chart::chart_examples_and_plain_manifests_pass_server_dry_run),
+        scenario!(image::image_runs_as_the_chart_deploys_it),
         scenario!(reliability::crash_torture_kills_never_break_or_leak_tokens),
         // Scenarios named serial_* disturb the whole cluster: they run alone, after the rest.
         scenario!(reliability::serial_apiserver_restart_is_survived),
