@@ -3,7 +3,7 @@
 # AWX stand-in's own tests, the container image (built from the Dockerfile without a registry),
 # and the end-to-end suite against a real kube-apiserver and AWX stand-in, the image included.
 # The first run on a machine builds kube-apiserver from Debian's source (about 6 minutes, cached
-# under ~/.cache/awx-token-operator) and the static release binary of the image (about 10
+# under ~/.cache/awx-token-operator) and the static release binary of the image (7 to 10
 # minutes, cached in cargo's target dir); later runs take a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
