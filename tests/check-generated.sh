@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fails when a generated file differs from what the code generates now: the CRD in crds/ and its
 # copy in the Helm chart; the plain manifests in deploy/ (rendered from the chart by
-# deploy/generate.sh, which needs helm); and the version the chart and the Dockerfile carry.
+# deploy/generate.sh, which needs helm); the version the chart and the Dockerfile carry; and the
+# Dockerfile's stages, which image/build.sh relies on.
 # Regenerate with: tests/check-generated.sh --fix
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,24 @@ if [ -f Dockerfile ]; then
     status=1
   fi
   checked+=("Dockerfile VERSION")
+  # image/build.sh builds this Dockerfile with the output of image/rootfs.sh in place of its
+  # build stage: that is the same image only while the build stage runs that script and
+  # nothing else, and the runtime stage takes nothing but its output.
+  stages="$(grep -E '^(FROM|RUN|COPY|ADD) ' Dockerfile | tr -s ' ')"
+  want_stages="FROM rust:1-bookworm AS build
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY image/rootfs.sh ./image/
+RUN image/rootfs.sh /rootfs
+FROM scratch
+COPY --from=build /rootfs/ /"
+  if [ "$stages" != "$want_stages" ]; then
+    echo "Dockerfile: the build stage must be 'RUN image/rootfs.sh /rootfs' alone and the runtime stage FROM scratch with only 'COPY --from=build /rootfs/ /' (image/build.sh relies on it); found:" >&2
+    printf '%s\n' "$stages" >&2
+    status=1
+  fi
+  grep -qx '!image/rootfs.sh' .dockerignore || { echo ".dockerignore leaves image/rootfs.sh out of the build context" >&2; status=1; }
+  checked+=("Dockerfile stages")
 fi
 [ "$status" = 0 ] && echo "generated files are current: ${checked[*]}"
 exit "$status"

@@ -24,10 +24,10 @@ use crate::support::{
     Env, Operator, TestResult, condition, repo_root, run_tool, sha256_hex, wait_for,
 };
 
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-fn chart_dir() -> String {
+pub(crate) fn chart_dir() -> String {
     repo_root()
         .join("charts/awx-token-operator")
         .display()
@@ -35,7 +35,7 @@ fn chart_dir() -> String {
 }
 
 /// helm as the cluster admin; Err carries helm's message.
-fn helm(env: &Env, args: &[&str]) -> Result<String, String> {
+pub(crate) fn helm(env: &Env, args: &[&str]) -> Result<String, String> {
     let r = run_tool(env, "helm", &env.kubeconfig, args, "")?;
     if r.ok {
         Ok(r.stdout)
@@ -49,7 +49,7 @@ fn helm(env: &Env, args: &[&str]) -> Result<String, String> {
 }
 
 /// The documents of a YAML stream (empty ones dropped).
-fn documents(yaml: &str) -> Result<Vec<Value>, String> {
+pub(crate) fn documents(yaml: &str) -> Result<Vec<Value>, String> {
     let mut docs = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
         let value = Value::deserialize(doc).map_err(|e| format!("invalid YAML: {e}"))?;
@@ -60,7 +60,7 @@ fn documents(yaml: &str) -> Result<Vec<Value>, String> {
     Ok(docs)
 }
 
-fn find<'a>(docs: &'a [Value], kind: &str, namespace: Option<&str>) -> Vec<&'a Value> {
+pub(crate) fn find<'a>(docs: &'a [Value], kind: &str, namespace: Option<&str>) -> Vec<&'a Value> {
     docs.iter()
         .filter(|d| d["kind"] == kind && d["metadata"]["namespace"].as_str() == namespace)
         .collect()
@@ -152,7 +152,7 @@ fn rules_are_commented(text: &str) -> TestResult {
     Ok(())
 }
 
-fn strings(v: &Value) -> Vec<String> {
+pub(crate) fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
             a.iter()
@@ -610,7 +610,7 @@ pub async fn chart_install_upgrade_uninstall_keeps_the_crd(env: Arc<Env>) -> Tes
 
 /// A token for the ServiceAccount: the TokenRequest API (`kubectl create token`), else the
 /// token Secret kube-controller-manager creates for it (Kubernetes up to 1.23).
-async fn service_account_token(env: &Env, ns: &str, sa: &str) -> Result<String, String> {
+pub(crate) async fn service_account_token(env: &Env, ns: &str, sa: &str) -> Result<String, String> {
     if let Ok(token) = env.kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"]) {
         return Ok(token.trim().to_string());
     }
@@ -675,13 +675,22 @@ struct ChartOperator {
     pod_name: String,
 }
 
-async fn install_and_run(
+/// A release installed in `ops`: its Deployment as Helm applied it, and a token of the
+/// ServiceAccount the pods run as.
+pub(crate) struct Release {
+    pub deployment: Value,
+    pub fullname: String,
+    pub token: String,
+}
+
+/// `helm install` of the chart (`--skip-crds`) with `values`, and a token for its
+/// ServiceAccount (recorded for the leak check).
+pub(crate) async fn install_release(
     env: &Env,
     release: &str,
     ops: &str,
-    apps: &str,
     values: &[&str],
-) -> Result<ChartOperator, String> {
+) -> Result<Release, String> {
     let chart = chart_dir();
     let mut install = vec!["install", release, &chart, "-n", ops, "--skip-crds"];
     install.extend(values);
@@ -697,10 +706,32 @@ async fn install_and_run(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let pod = &deployment["spec"]["template"]["spec"];
-    let sa = pod["serviceAccountName"].as_str().unwrap_or_default();
-    let token = service_account_token(env, ops, sa).await?;
+    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let token = service_account_token(env, ops, &sa).await?;
     env.remember_secret(&token);
+    Ok(Release {
+        deployment,
+        fullname,
+        token,
+    })
+}
+
+async fn install_and_run(
+    env: &Env,
+    release: &str,
+    ops: &str,
+    apps: &str,
+    values: &[&str],
+) -> Result<ChartOperator, String> {
+    let Release {
+        deployment,
+        fullname,
+        token,
+    } = install_release(env, release, ops, values).await?;
+    let pod = &deployment["spec"]["template"]["spec"];
     let kubeconfig = token_kubeconfig(env, &format!("{release}-sa"), &token)?;
 
     let container = &pod["containers"][0];
@@ -758,7 +789,7 @@ async fn awx_bot(
     Ok((user, password))
 }
 
-fn awx_token(ns: &str, name: &str, url: &str, extra: Value) -> Value {
+pub(crate) fn awx_token(ns: &str, name: &str, url: &str, extra: Value) -> Value {
     let mut doc = json!({"apiVersion": "awx-token-operator.io/v1alpha1", "kind": "AwxToken",
         "metadata": {"name": name, "namespace": ns},
         "spec": {"awx": {"url": url, "allowInsecureHttp": true, "timeoutSeconds": 5},
@@ -769,7 +800,7 @@ fn awx_token(ns: &str, name: &str, url: &str, extra: Value) -> Value {
     doc
 }
 
-async fn wait_ready(
+pub(crate) async fn wait_ready(
     env: &Env,
     ns: &str,
     name: &str,
@@ -801,8 +832,8 @@ async fn wait_ready(
 }
 
 /// Nothing in the operator's log says a Kubernetes request was refused.
-fn log_shows_no_refusal(op: &Operator) -> TestResult {
-    let log = fs::read_to_string(&op.log).map_err(|e| e.to_string())?;
+pub(crate) fn log_shows_no_refusal(log_path: &Path) -> TestResult {
+    let log = fs::read_to_string(log_path).map_err(|e| e.to_string())?;
     ensure!(!log.is_empty(), "empty operator log");
     for needle in [
         "forbidden",
@@ -813,7 +844,7 @@ fn log_shows_no_refusal(op: &Operator) -> TestResult {
         ensure!(
             !log.to_lowercase().contains(needle),
             "the operator log ({}) contains {needle:?}: the chart's RBAC is missing a right",
-            op.log.display()
+            log_path.display()
         );
     }
     Ok(())
@@ -977,7 +1008,7 @@ pub async fn chart_rbac_namespaced_install_runs_the_operator(env: Arc<Env>) -> T
     ensure_eq!(awx.whoami(&second).await?, None, "the last token revoked");
     // SIGTERM: the leader hands its Lease back (a patch) before it exits.
     c.op.terminate().await?;
-    log_shows_no_refusal(&c.op)?;
+    log_shows_no_refusal(&c.op.log)?;
     let log = fs::read_to_string(&c.op.log).map_err(|e| e.to_string())?;
     ensure!(
         log.contains("released the leader lease"),
@@ -1067,7 +1098,7 @@ pub async fn chart_rbac_cluster_wide_install_runs_the_operator(env: Arc<Env>) ->
         Some(user),
         "the token works as the user"
     );
-    log_shows_no_refusal(&c.op)?;
+    log_shows_no_refusal(&c.op.log)?;
     ensure!(
         can_i(
             &env,

@@ -19,6 +19,14 @@ use sha2::{Digest, Sha256};
 
 pub type TestResult = Result<(), String>;
 
+/// What `skip` puts before its reason: the harness reports such a scenario as skipped.
+pub const SKIPPED: &str = "skipped: ";
+
+/// Ends a scenario that cannot run here (e.g. no image was built), saying why.
+pub fn skip(reason: impl std::fmt::Display) -> TestResult {
+    Err(format!("{SKIPPED}{reason}"))
+}
+
 /// Fails the scenario with a message (scenarios return `TestResult`).
 #[macro_export]
 macro_rules! ensure {

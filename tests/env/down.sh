@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop everything recorded under RUN_DIR: services with a RUN_DIR/*/pid file, the AWX stand-ins'
-# PostgreSQL servers (RUN_DIR/*/pg), then the cluster.
+# PostgreSQL servers (RUN_DIR/*/pg), containers (RUN_DIR/containers), then the cluster.
 # Idempotent; keeps RUN_DIR (logs) in place.
 #   usage: down.sh RUN_DIR
 set -euo pipefail
@@ -22,4 +22,9 @@ for d in "$RUN_DIR"/*/pg/data; do
   log "stopping the stand-in database in ${d%/pg/data}"
   "$HERE/../awx-standin/standin.sh" stop "${d%/pg/data}" || true
 done
+# The image scenario's containers (tests/e2e/image.rs), in a container store of the run's own.
+if [ -d "$RUN_DIR/containers" ]; then
+  log "removing the containers of $RUN_DIR/containers"
+  "$HERE/../../image/containers.sh" "$RUN_DIR/containers" clean || true
+fi
 "$HERE/cluster.sh" stop "$RUN_DIR"
