@@ -92,10 +92,13 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
     for (name, ..) in &objects {
         wait_ready(&env, &s.ns, name, "True", None).await?;
     }
+    // The token endpoint (grants and refreshes, whose tokens are untagged until after the
+    // answer). Personal tokens carry their tag from the start; holding back the listings
+    // too would only slow every search.
     let token_paths: Vec<&str> = if mode == "gateway" {
-        vec!["/o/token/", "/api/gateway/v1/tokens/"]
+        vec!["/o/token/"]
     } else {
-        vec!["/api/o/token/", "/api/v2/tokens/"]
+        vec!["/api/o/token/"]
     };
     s.awx
         .set_fault(
@@ -114,6 +117,8 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
         tokio::spawn(async move {
             let mut samples = 0usize;
             let mut seen = BTreeSet::new();
+            // The longest a Refresh object's Secret held a token its refresh had replaced.
+            let mut dead = Duration::ZERO;
             while !stop.load(Ordering::SeqCst) {
                 for (name, user, refresh) in &objects {
                     let token = env.secret_value(&ns, name, "token").await?;
@@ -143,14 +148,17 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
                                 while env.secret_value(&ns, name, "token").await?.as_deref()
                                     == Some(token.as_str())
                                 {
-                                    if since.elapsed() > Duration::from_secs(20) {
+                                    // Kills keep coming every second or so: a renewal
+                                    // may need several lives to finish.
+                                    if since.elapsed() > Duration::from_secs(60) {
                                         return Err(format!(
-                                            "{name}: the Secret kept a dead token for 20 s \
+                                            "{name}: the Secret kept a dead token for 60 s \
                                              ({other:?})"
                                         ));
                                     }
                                     tokio::time::sleep(Duration::from_millis(100)).await;
                                 }
+                                dead = dead.max(since.elapsed());
                             }
                         }
                     }
@@ -158,7 +166,7 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
                     samples += 1;
                 }
             }
-            Ok::<(usize, usize), String>((samples, seen.len()))
+            Ok::<(usize, usize, Duration), String>((samples, seen.len(), dead))
         })
     };
 
@@ -173,7 +181,7 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
     }
     let torture_time = started.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let (samples, distinct) = sampler.await.map_err(|e| e.to_string())??;
+    let (samples, distinct, dead) = sampler.await.map_err(|e| e.to_string())??;
     s.awx.clear_faults().await?;
 
     // Kills inside a window: while a token request AWX had committed was held back.
@@ -277,9 +285,11 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
     println!(
         "    {mode}: {kills} SIGKILLs in {:.0}s, {in_window} inside a commit-to-state window; \
          {samples} samples of {distinct} distinct tokens, all working; {} tokens created; \
-         {cleaned} found and deleted after interrupted requests; leaks 0 ({per_kind:?})",
+         {cleaned} found and deleted after interrupted requests; leaks 0 ({per_kind:?}); a \
+         refreshed-away token stayed in a Secret at most {:.1}s",
         torture_time.as_secs_f64(),
         committed.len(),
+        dead.as_secs_f64(),
     );
     Ok(())
 }
