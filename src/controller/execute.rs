@@ -960,7 +960,9 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                         )
                         .await;
                 }
-                let last = marker.searched || now >= late;
+                // Done only once AWX cannot be finishing the request, however many looks
+                // came before (another process may have looked early).
+                let last = self.env.clock.now() >= late;
                 if last && !kept.is_empty() {
                     self.report_undecided(&marker, &username, &kept).await;
                 }
