@@ -1010,10 +1010,18 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
     async fn report_undecided(&self, marker: &IssueIntent, username: &str, ids: &[u64]) {
         let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
         let note = format!(
-            "A token request started at {} got no complete answer; AWX token(s) {} of user              {username} were created then, too close to the token the Secret holds to tell              which is which, so none was deleted. Delete in AWX the one(s) the Secret does not              hold (compare with /api/v2/me/ or the token's last use).",
+            "A token request started at {} got no complete answer; AWX token(s) {} of user \
+             {username} were created then, too close to the token the Secret holds to tell \
+             which is which, so none was deleted. Delete in AWX the one(s) the Secret does not \
+             hold (compare with /api/v2/me/ or the token's last use).",
             marker.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             ids.join(", ")
         );
+        self.warn_person(note).await;
+    }
+
+    /// A Warning event `InterruptedIssue` (and a log line and a count) for a person to act on.
+    async fn warn_person(&self, note: String) {
         warn!("{note}");
         self.count_interrupted("unrecoverable");
         self.env
@@ -1036,12 +1044,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 "one token"
             }
         );
-        warn!("{note}");
-        self.count_interrupted("unrecoverable");
-        self.env
-            .cluster
-            .publish(self.token, Event::warning("InterruptedIssue", note))
-            .await;
+        self.warn_person(note).await;
         let tag = marker.tag.clone();
         self.edit_state(|s| {
             s.interrupted.retain(|m| m.tag != tag);

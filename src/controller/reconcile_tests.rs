@@ -1356,3 +1356,52 @@ async fn the_lost_token_is_found_on_the_second_page() {
     assert_eq!(pages.len(), 2, "{pages:?}");
     assert!(pages[1].contains("page=2") && pages[1].contains("page_size=200"));
 }
+
+#[tokio::test]
+async fn a_lost_token_too_close_to_a_held_one_of_unknown_id_is_kept_and_reported() {
+    let mut h = Harness::start().await;
+    // The last look (AWX cannot be finishing the request any more).
+    let (world, mut state, at) = interrupted(&mut h, SignedDuration::from_mins(10)).await;
+    let current = state.current.as_mut().expect("a current token");
+    current.token.token_id = None;
+    current.issued_at = at + SignedDuration::from_secs(2);
+    awx_lists(
+        &h,
+        vec![listed(42, Some(APP), at + SignedDuration::from_secs(1), "")],
+        None,
+    )
+    .await;
+
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(state_object(&world.token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
+                // The status follows the held token changed above (no id, issue time).
+                patch(STATUS, Reply::status_of(&world.token)),
+            ],
+        )
+        .await;
+
+    assert!(deleted(&run).is_empty(), "the held token may be either");
+    let event = last_body(&run, Method::POST, EVENTS);
+    assert_eq!(event["reason"], "InterruptedIssue");
+    assert_eq!(event["type"], "Warning");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains(&format!(
+            "AWX token(s) 42 of user {} were created then",
+            fx::USERNAME
+        )),
+        "{note}"
+    );
+    assert!(!note.contains("  "), "{note}");
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(saved.interrupted.is_empty(), "reported: nothing more to do");
+    run.assert_not_leaked(&SECRET_VALUES);
+}
