@@ -335,17 +335,6 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         let grant_type = token.spec.grant.type_;
         let login = inputs.username.clone().zip(inputs.password.clone());
         let client_id = inputs.client.as_ref().map(|c| c.client_id.clone());
-        // The application's id (when the user may see it) narrows the search for a token
-        // whose answer is lost to that application's tokens.
-        let application = match (grant_type, flavor, &login, &client_id) {
-            (GrantType::Password, Flavor::Controller, Some((u, p)), Some(c)) => {
-                match self.env.awx.application_id(&at, flavor, u, p, c).await {
-                    Ok(id) => id,
-                    Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
-                }
-            }
-            _ => None,
-        };
         // Only a personal token is created with its tag; a grant's token is tagged after its
         // answer (`tag_after`).
         let tagged = grant_type == GrantType::PersonalAccessToken;
@@ -375,14 +364,15 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             tagged,
             username: inputs.username.clone(),
             client_id: client_id.clone(),
-            application: application.or_else(|| {
-                self.seen
-                    .state
-                    .current
-                    .as_ref()
-                    .filter(|c| c.token.client_id == client_id)
-                    .and_then(|c| c.application_id)
-            }),
+            // The application's id, when known from an earlier token, narrows the search for
+            // a token whose answer is lost to that application's tokens.
+            application: self
+                .seen
+                .state
+                .current
+                .as_ref()
+                .filter(|c| c.token.client_id == client_id)
+                .and_then(|c| c.application_id),
             clock_offset: self
                 .seen
                 .state
@@ -453,6 +443,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         }
         match result {
             Ok(mut issued) => {
+                // Looked up (once per process) only once the login is known to work: a wrong
+                // password costs one request per attempt, the grant (AWX may lock accounts).
+                let mut marker = marker;
+                if let (None, GrantType::Password, Flavor::Controller, Some((u, p)), Some(c)) =
+                    (marker.application, grant_type, flavor, &login, &client_id)
+                {
+                    match self.env.awx.application_id(&at, flavor, u, p, c).await {
+                        Ok(id) => marker.application = id,
+                        Err(e) => warn!(error = %e, "could not look up the application's id"),
+                    }
+                }
                 if !marker.tagged
                     && grant_type != GrantType::ClientCredentials
                     && let Some(tagged) = self.tag_after(&at, flavor, &marker, &issued).await
