@@ -1225,8 +1225,9 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .and_then(|s| secrets::token_in(s, self.token));
         if !self.target_holds_current() {
             // Consumers see the current token only from now on: the tokens it replaced get
-            // their whole grace period from here.
-            let grace_end = schedule::add(now, valid.revoke_grace_period);
+            // their whole grace period from here (not from the start of this reconcile: the
+            // grant, its tagging and the state writes came before).
+            let grace_end = schedule::add(self.env.clock.now(), valid.revoke_grace_period);
             let slack = schedule::sub(grace_end, Duration::from_secs(2));
             self.edit_state(|s| {
                 for r in &mut s.retiring {
