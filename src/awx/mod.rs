@@ -637,30 +637,6 @@ impl AwxClient {
         Ok(found)
     }
 
-    /// Ids of the user's tokens whose description contains `tag`: finds a token created by
-    /// a request whose answer was lost (the operator tags each one it creates).
-    pub async fn find_tagged_tokens(
-        &self,
-        flavor: Flavor,
-        username: &str,
-        password: &SecretString,
-        tag: &str,
-    ) -> Result<Vec<u64>, AwxError> {
-        let query = TokenQuery {
-            username: Some(username),
-            description_contains: Some(tag),
-            ..TokenQuery::default()
-        };
-        let login = Login::Password { username, password };
-        Ok(self
-            .list_tokens(flavor, login, &query)
-            .await?
-            .into_iter()
-            .filter(|t| t.description.contains(tag))
-            .map(|t| t.id)
-            .collect())
-    }
-
     /// The id of the OAuth2 application `client_id` as the user sees it: AWX lists the
     /// applications of the user's organizations with their client ids, and refuses to filter
     /// on them (docs/awx-protocol.md#filters), so they are matched here. `None` when the user
@@ -746,20 +722,6 @@ impl AwxClient {
         id: u64,
     ) -> Result<(), AwxError> {
         self.delete_once(&flavor.token_detail_path(id), login.header()?)
-            .await
-            .map(drop)
-    }
-
-    /// Deletes the token `id` with the user's login (404 counts as done).
-    pub async fn delete_token_with_login(
-        &self,
-        flavor: Flavor,
-        id: u64,
-        username: &str,
-        password: &SecretString,
-    ) -> Result<(), AwxError> {
-        let basic = wire::user_basic_auth(username, password)?;
-        self.delete_once(&flavor.token_detail_path(id), basic)
             .await
             .map(drop)
     }

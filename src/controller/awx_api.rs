@@ -75,25 +75,6 @@ pub trait AwxApi: Send + Sync {
         token: &SecretString,
     ) -> impl Future<Output = Result<AwxUser, AwxError>> + Send;
 
-    /// Ids of the user's tokens whose description carries `tag`.
-    fn find_tagged_tokens(
-        &self,
-        at: &Connection,
-        flavor: Flavor,
-        username: &str,
-        password: &SecretString,
-        tag: &str,
-    ) -> impl Future<Output = Result<Vec<u64>, AwxError>> + Send;
-
-    fn delete_token_with_login(
-        &self,
-        at: &Connection,
-        flavor: Flavor,
-        id: u64,
-        username: &str,
-        password: &SecretString,
-    ) -> impl Future<Output = Result<(), AwxError>> + Send;
-
     /// The id of the application `client_id` as the user sees it (remembered per AWX), or
     /// `None` when the user cannot see it or the flavour does not say.
     fn application_id(
@@ -273,32 +254,6 @@ impl AwxApi for AwxPool {
         token: &SecretString,
     ) -> Result<AwxUser, AwxError> {
         self.client(at)?.whoami(flavor, token).await
-    }
-
-    async fn find_tagged_tokens(
-        &self,
-        at: &Connection,
-        flavor: Flavor,
-        username: &str,
-        password: &SecretString,
-        tag: &str,
-    ) -> Result<Vec<u64>, AwxError> {
-        self.client(at)?
-            .find_tagged_tokens(flavor, username, password, tag)
-            .await
-    }
-
-    async fn delete_token_with_login(
-        &self,
-        at: &Connection,
-        flavor: Flavor,
-        id: u64,
-        username: &str,
-        password: &SecretString,
-    ) -> Result<(), AwxError> {
-        self.client(at)?
-            .delete_token_with_login(flavor, id, username, password)
-            .await
     }
 
     async fn application_id(

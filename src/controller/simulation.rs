@@ -682,30 +682,6 @@ impl AwxApi for Sim {
         }
     }
 
-    async fn find_tagged_tokens(
-        &self,
-        _: &Connection,
-        _: Flavor,
-        username: &str,
-        password: &SecretString,
-        tag: &str,
-    ) -> Result<Vec<u64>, AwxError> {
-        let fate = self.request(username, false).await;
-        if let Some(e) = Self::fate_error(&fate) {
-            return Err(e);
-        }
-        if !self.login_ok(username, password) {
-            return Err(refused_login());
-        }
-        let world = lock(&self.world);
-        Ok(world
-            .tokens
-            .iter()
-            .filter(|t| t.alive && t.user == username && t.description.contains(tag))
-            .map(|t| t.id)
-            .collect())
-    }
-
     async fn application_id(
         &self,
         _: &Connection,
@@ -806,27 +782,6 @@ impl AwxApi for Sim {
     async fn exclusive(&self, _: String) -> ExclusiveGuard {
         // One reconcile at a time per process in the simulation: nothing to hold off.
         ExclusiveGuard::none()
-    }
-
-    async fn delete_token_with_login(
-        &self,
-        _: &Connection,
-        _: Flavor,
-        id: u64,
-        username: &str,
-        password: &SecretString,
-    ) -> Result<(), AwxError> {
-        let fate = self.request(username, false).await;
-        if Self::acted(&fate) && self.login_ok(username, password) {
-            let mut world = lock(&self.world);
-            if let Some(t) = world.tokens.iter_mut().find(|t| t.id == id) {
-                t.alive = false;
-            }
-        }
-        match Self::fate_error(&fate) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 }
 
