@@ -536,12 +536,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         );
         let candidates: Vec<_> = found
             .iter()
-            .filter(|t| match marker.application {
-                Some(app) => t.application == Some(app),
-                None => t.application.is_some(),
-            })
-            .filter(|t| t.created.is_some_and(|c| from <= c && c <= to))
-            .filter(|t| t.description.is_empty() && !held.contains(&t.id))
+            .filter(|t| untagged_candidate(t, marker.application, (from, to), &held))
             .collect();
         let [only] = candidates.as_slice() else {
             warn!(
@@ -905,14 +900,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                     .await?;
                 let candidates = listed
                     .into_iter()
-                    // Checked here too: a server that ignores a filter must not widen what
-                    // is deleted.
-                    .filter(|t| match marker.application {
-                        Some(app) => t.application == Some(app),
-                        None => t.application.is_some(),
-                    })
-                    .filter(|t| t.created.is_some_and(|c| from <= c && c <= to))
-                    .filter(|t| t.description.is_empty() && !held.contains(&t.id));
+                    .filter(|t| untagged_candidate(t, marker.application, (from, to), &held));
                 for t in candidates {
                     // A held token whose id is not known is told apart by its creation time;
                     // a candidate too close to it to tell is kept, and reported.
@@ -1502,6 +1490,26 @@ fn search_window(marker: &IssueIntent, valid: Option<&ValidSpec>) -> (Timestamp,
         schedule::sub(start, clock_margin(marker)),
         schedule::add(start, timeout.max(LATE_COMMIT) + clock_margin(marker)),
     )
+}
+
+/// Whether a listed token may be the untagged one a request of `application` created within
+/// `window` (AWX's clock): an application token, untagged, not held. Checked here although
+/// the listing asked AWX to filter: a server that ignores a filter must not widen what is
+/// tagged or deleted.
+fn untagged_candidate(
+    t: &ListedToken,
+    application: Option<u64>,
+    (from, to): (Timestamp, Timestamp),
+    held: &[u64],
+) -> bool {
+    let same_application = match application {
+        Some(app) => t.application == Some(app),
+        None => t.application.is_some(),
+    };
+    same_application
+        && t.created.is_some_and(|c| from <= c && c <= to)
+        && t.description.is_empty()
+        && !held.contains(&t.id)
 }
 
 /// The ids of the tokens the state holds, where known.
