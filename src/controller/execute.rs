@@ -61,6 +61,8 @@ pub struct Applied {
     pub in_backoff: bool,
     /// For the schedule metrics: AWX's expiry and the renewal time (unix seconds).
     pub schedule: Option<(Option<f64>, f64)>,
+    /// The plan reached `Done` (false: it ran out of steps, which is a bug).
+    pub settled: bool,
 }
 
 /// Brings an existing AwxToken to what its spec asks for.
@@ -85,6 +87,7 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
         requeue_after: Some(Duration::from_secs(1)),
         in_backoff: false,
         schedule: None,
+        settled: false,
     })
 }
 
@@ -1214,9 +1217,13 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         if !self.target_holds_current() {
             // Consumers see the current token only from now on: the tokens it replaced get
             // their whole grace period from here (not from the start of this reconcile: the
-            // grant, its tagging and the state writes came before).
+            // grant, its tagging and the state writes came before). A twentieth of the period
+            // (at most 2 s) early is left as it is: that saves a state write per renewal.
             let grace_end = schedule::add(self.env.clock.now(), valid.revoke_grace_period);
-            let slack = schedule::sub(grace_end, Duration::from_secs(2));
+            let slack = schedule::sub(
+                grace_end,
+                (valid.revoke_grace_period / 20).min(Duration::from_secs(2)),
+            );
             self.edit_state(|s| {
                 for r in &mut s.retiring {
                     if r.failed_attempts == 0 && r.revoke_after < slack {
@@ -1322,6 +1329,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             requeue_after,
             in_backoff,
             schedule,
+            settled: true,
         })
     }
 

@@ -400,7 +400,10 @@ fn search_due(f: &Facts<'_>) -> Option<usize> {
             .is_some_and(|c| c.scope.split_whitespace().any(|s| s == "write"));
     f.state.interrupted.iter().position(|i| {
         let due = i.search_after.is_none_or(|at| at <= f.now);
-        due && (!i.searchable() || login)
+        // A search by creation time waits while another process's request is in flight: it
+        // could take that request's token for the lost one (the marker says when it ends).
+        let free = i.tagged || f.state.issuing.is_none();
+        due && free && (!i.searchable() || login)
     })
 }
 

@@ -1405,3 +1405,72 @@ async fn a_lost_token_too_close_to_a_held_one_of_unknown_id_is_kept_and_reported
     assert!(saved.interrupted.is_empty(), "reported: nothing more to do");
     run.assert_not_leaked(&SECRET_VALUES);
 }
+
+#[tokio::test]
+async fn another_process_request_in_flight_is_waited_for_without_a_search_and_reported() {
+    let mut h = Harness::start().await;
+    let (world, mut state, _) = interrupted(&mut h, SignedDuration::from_secs(30)).await;
+    // Another process is asking AWX right now (or was killed while it did).
+    let mut other = state.interrupted[0].clone();
+    other.holder = "operator-b/0002".into();
+    other.started_at = Timestamp::now() - SignedDuration::from_secs(1);
+    state.issuing = Some(other);
+    awx_lists(&h, vec![listed(42, Some(APP), Timestamp::now(), "")], None).await;
+
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(state_object(&world.token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&world.token)),
+            ],
+        )
+        .await;
+
+    // Token 42 may be the other request's: nothing is listed, nothing deleted.
+    assert!(
+        run.timeline().iter().all(|c| !c.starts_with("awx")),
+        "{:?}",
+        run.timeline()
+    );
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "CleanupPending")["status"], "True");
+    assert_eq!(
+        condition(status, "CleanupPending")["reason"],
+        "SearchPending"
+    );
+    // Woken when the other request can no longer be in flight (timeout 5 s + 10 s, from a
+    // second ago).
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(13)..=Duration::from_secs(14)).contains(&requeue),
+        "{requeue:?}"
+    );
+
+    // Without a lost request of its own, the other process's marker alone says so too.
+    state.interrupted.clear();
+    let run = h
+        .reconcile(
+            &world.token,
+            vec![
+                get(STATE, Reply::object(state_object(&world.token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                patch(STATUS, Reply::status_of(&world.token)),
+            ],
+        )
+        .await;
+    let status = last_body(&run, Method::PATCH, STATUS);
+    let pending = condition(status, "CleanupPending");
+    assert_eq!(pending["status"], "True");
+    assert_eq!(pending["reason"], "RequestInFlight");
+    assert!(
+        pending["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("by operator-b/0002 has not recorded its answer")),
+        "{pending}"
+    );
+    assert!(run.timeline().iter().all(|c| !c.starts_with("awx")));
+}

@@ -863,6 +863,8 @@ struct Run {
     checked_requests: usize,
     checked_events: usize,
     checked_statuses: usize,
+    /// Reconciles whose plan ran out of steps without reaching `Done`.
+    unsettled: Vec<String>,
 }
 
 impl Run {
@@ -917,6 +919,7 @@ impl Run {
             checked_requests: 0,
             checked_events: 0,
             checked_statuses: 0,
+            unsettled: Vec::new(),
         };
         run.spawn_process();
         run
@@ -985,7 +988,12 @@ impl Run {
         let result = if object.deleted {
             execute::cleanup(&token, &env).await.map(|()| None)
         } else {
-            execute::apply(&token, &env).await.map(|a| a.requeue_after)
+            execute::apply(&token, &env).await.map(|a| {
+                if !a.settled {
+                    self.unsettled.push(token.name_any());
+                }
+                a.requeue_after
+            })
         };
         // What kube-runtime would do next by itself: requeue as asked, or (an error) retry
         // after its error backoff.
@@ -1055,6 +1063,11 @@ impl Run {
                 execute::apply(&token, &env_a),
                 execute::apply(&token, &env_b)
             );
+            for applied in [&x, &y].into_iter().flatten() {
+                if !applied.settled {
+                    self.unsettled.push(token.name_any());
+                }
+            }
             (x.map(drop), y.map(drop))
         };
         if let Some(trace) = lock(&self.world).trace.as_mut() {
@@ -1224,6 +1237,11 @@ impl Run {
 
     /// The invariants that hold after every step.
     fn check(&mut self) -> Result<(), String> {
+        if let Some(name) = self.unsettled.first() {
+            return Err(format!(
+                "a reconcile of {name} ran out of steps: the plan did not settle"
+            ));
+        }
         let states: Vec<(usize, TokenState)> = self
             .objects
             .iter()

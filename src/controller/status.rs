@@ -145,7 +145,25 @@ pub fn render(
         (None, _) => status.conditions.retain(|c| c.type_ != RENEWAL_FAILED),
     }
     let lost = &state.interrupted;
-    if lost.is_empty() {
+    if let Some(marker) = state.issuing.as_ref().filter(|_| lost.is_empty()) {
+        // Left by another process (this one records its answers before it reports): in
+        // flight there, or interrupted by its end, which only time tells apart.
+        let deadline = schedule::add(marker.started_at, plan::marker_patience(f));
+        set_condition(
+            &mut status.conditions,
+            CLEANUP_PENDING,
+            true,
+            "RequestInFlight",
+            &format!(
+                "a token request started at {} by {} has not recorded its answer; unless it \
+                 does by {}, AWX may hold its token, which is then looked for and deleted",
+                fmt_time(marker.started_at),
+                marker.holder,
+                fmt_time(deadline)
+            ),
+            now,
+        );
+    } else if lost.is_empty() {
         status.conditions.retain(|c| c.type_ != CLEANUP_PENDING);
     } else {
         let failing = lost.iter().find_map(|m| m.search_error.as_deref());

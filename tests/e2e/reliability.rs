@@ -225,7 +225,10 @@ async fn crash_torture(env: Arc<Env>, mode: &str, ns: &str) -> TestResult {
             Duration::from_secs(240),
             || async {
                 let obj = env.awx_token(&s.ns, name).await?.unwrap_or_default();
-                let ready = condition(&obj, "Ready").is_some_and(|c| c.0 == "True");
+                // Written by a reconcile that began after the kills ended (the settling
+                // spec came after them), not one the last kill cut short.
+                let current = obj["status"]["observedGeneration"] == obj["metadata"]["generation"];
+                let ready = current && condition(&obj, "Ready").is_some_and(|c| c.0 == "True");
                 let cleanup = condition(&obj, "CleanupPending").is_some_and(|c| c.0 == "True");
                 let pending = obj["status"]["pendingRevocations"].as_u64().unwrap_or(0);
                 Ok((ready && !cleanup && pending == 0).then_some(()))

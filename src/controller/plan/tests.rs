@@ -354,6 +354,27 @@ fn interrupted_requests_are_searched_with_a_login_or_a_write_token_others_report
     assert_eq!(w.next(), Next::Search(0));
 }
 
+#[test]
+fn a_search_by_creation_time_waits_for_another_process_request_in_flight() {
+    let mut w = World::healthy();
+    w.state.interrupted.push(marker(ME, t(-60)));
+    w.state.issuing = Some(marker("operator-b/0002", t(-1)));
+    // Its token would fall in the window: no search (and no busy loop) until the marker
+    // is old enough to be taken for interrupted too.
+    assert_eq!(
+        w.next(),
+        Next::Done(Wake::At(schedule::add(t(-1), Duration::from_secs(40))))
+    );
+    // A tagged request's token is told apart by its tag: its search need not wait.
+    w.state.interrupted[0].tagged = true;
+    assert_eq!(w.next(), Next::Search(0));
+    w.state.interrupted[0].tagged = false;
+    w.now = schedule::add(t(-1), Duration::from_secs(40));
+    assert_eq!(w.next(), Next::ClaimInterrupted);
+    w.state.interrupted.extend(w.state.issuing.take());
+    assert_eq!(w.next(), Next::Search(0));
+}
+
 fn retiring(value: &str, after: Timestamp) -> RetiringToken {
     RetiringToken {
         token: record(value),
