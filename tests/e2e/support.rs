@@ -741,21 +741,30 @@ impl Standin {
         } else {
             "/api/v2/me/"
         };
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        match resp.status().as_u16() {
-            200 => {
-                let v: Value = resp.json().await.map_err(|e| e.to_string())?;
-                Ok(v["results"][0]["username"].as_str().map(str::to_string))
+        // django-ansible-base records `last_used` after the request commits; when a refresh
+        // deletes the token in between, that update finds no row and the answer is a 500.
+        // Asked again, the token is gone (401).
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let resp = self
+                .http
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(token)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            match resp.status().as_u16() {
+                200 => {
+                    let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+                    return Ok(v["results"][0]["username"].as_str().map(str::to_string));
+                }
+                401 => return Ok(None),
+                500 if self.mode == "gateway" => answers.push(500),
+                s => return Err(format!("whoami answered {s}")),
             }
-            401 => Ok(None),
-            s => Err(format!("whoami answered {s}")),
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+        Err(format!("whoami answered {answers:?}"))
     }
 }
 
