@@ -44,6 +44,11 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "AWX_TOKEN_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
+    /// Reconcile only the AwxTokens this label selector matches, e.g.
+    /// `sharding.fluxcd.io/key=shard-1` (or `!sharding.fluxcd.io/key` for the unlabelled
+    /// ones): one shard of several, each with its own Deployment and Lease.
+    #[arg(long, env = "AWX_TOKEN_OPERATOR_SHARD_SELECTOR")]
+    shard_selector: Option<String>,
     /// Elect a leader through a Lease so only one replica reconciles.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_LEADER_ELECT")]
     leader_elect: bool,
@@ -180,9 +185,10 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         awx_max_in_flight: (args.awx_max_in_flight > 0).then_some(args.awx_max_in_flight),
         concurrency: args.concurrency.max(1),
         identity: controller::process_identity(&identity),
+        shard_selector: args.shard_selector.clone().filter(|s| !s.is_empty()),
     };
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
-    info!(namespace = ?args.namespace, leader_elect = args.leader_elect, %identity, "starting");
+    info!(namespace = ?args.namespace, shard = ?args.shard_selector, leader_elect = args.leader_elect, %identity, "starting");
 
     if !args.leader_elect {
         metrics.leader.set(1);

@@ -1,7 +1,11 @@
 //! What the reconciler reads and writes in Kubernetes, as a trait: the operator runs it on
 //! the API server ([`KubeCluster`]); the simulation tests run it in memory.
 
-use std::future::Future;
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Mutex, PoisonError},
+};
 
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
@@ -88,7 +92,13 @@ pub trait Cluster: Send + Sync {
 pub struct KubeCluster {
     client: Client,
     recorder: Recorder,
+    /// Per Secret (namespace, name), the resource versions this process wrote whose watch
+    /// events have not come back yet: those events are its own echo, not news.
+    own_writes: Mutex<HashMap<(String, String), Vec<String>>>,
 }
+
+/// Own writes remembered per Secret; older ones are forgotten (their events then pass).
+const OWN_WRITES_KEPT: usize = 4;
 
 impl KubeCluster {
     pub fn new(client: Client, instance: Option<String>) -> Self {
@@ -99,7 +109,55 @@ impl KubeCluster {
                 instance,
             },
         );
-        Self { client, recorder }
+        Self {
+            client,
+            recorder,
+            own_writes: Mutex::default(),
+        }
+    }
+
+    fn note_write(&self, written: &Secret) {
+        let Some(version) = written.resource_version() else {
+            return;
+        };
+        let mut own = self
+            .own_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let versions = own
+            .entry((namespace_of(written), written.name_any()))
+            .or_default();
+        if versions.len() == OWN_WRITES_KEPT {
+            versions.remove(0);
+        }
+        versions.push(version);
+    }
+
+    /// Whether a watch event shows a Secret as this process last wrote it (an echo of its
+    /// own write). Any event for the Secret forgets the writes up to it.
+    pub fn is_own_write(&self, namespace: &str, name: &str, version: Option<&str>) -> bool {
+        let mut own = self
+            .own_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = (namespace.to_string(), name.to_string());
+        let Some(versions) = own.get_mut(&key) else {
+            return false;
+        };
+        let position = version.and_then(|v| versions.iter().position(|w| w == v));
+        match position {
+            Some(i) => {
+                versions.drain(..=i);
+                if versions.is_empty() {
+                    own.remove(&key);
+                }
+                true
+            }
+            None => {
+                own.remove(&key);
+                false
+            }
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -133,10 +191,13 @@ impl Cluster for KubeCluster {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()
         };
-        self.secrets(&namespace_of(secret))
+        let written = self
+            .secrets(&namespace_of(secret))
             .create(&params, secret)
             .await
-            .map_err(|e| conflict_or(e, &format!("Secret {} exists", secret.name_any())))
+            .map_err(|e| conflict_or(e, &format!("Secret {} exists", secret.name_any())))?;
+        self.note_write(&written);
+        Ok(written)
     }
 
     async fn replace_secret(&self, secret: &Secret) -> Result<Secret, Error> {
@@ -144,21 +205,27 @@ impl Cluster for KubeCluster {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()
         };
-        self.secrets(&namespace_of(secret))
+        let written = self
+            .secrets(&namespace_of(secret))
             .replace(&secret.name_any(), &params, secret)
             .await
-            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))
+            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))?;
+        self.note_write(&written);
+        Ok(written)
     }
 
     async fn apply_secret(&self, secret: &Secret) -> Result<Secret, Error> {
-        self.secrets(&namespace_of(secret))
+        let written = self
+            .secrets(&namespace_of(secret))
             .patch(
                 &secret.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(secret),
             )
             .await
-            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))
+            .map_err(|e| conflict_or(e, &format!("Secret {} changed", secret.name_any())))?;
+        self.note_write(&written);
+        Ok(written)
     }
 
     async fn apply_status(&self, token: &AwxToken, status: &AwxTokenStatus) -> Result<(), Error> {
@@ -224,5 +291,39 @@ impl Cluster for KubeCluster {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(version: &str) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.namespace = Some("apps".into());
+        s.metadata.name = Some("state".into());
+        s.metadata.resource_version = Some(version.into());
+        s
+    }
+
+    #[tokio::test]
+    async fn the_echo_of_an_own_write_is_recognised_once_and_news_always_passes() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let cluster = KubeCluster::new(Client::try_from(config).unwrap(), None);
+        cluster.note_write(&secret("10"));
+        cluster.note_write(&secret("11"));
+        // Events arrive in order: each echo once.
+        assert!(cluster.is_own_write("apps", "state", Some("10")));
+        assert!(cluster.is_own_write("apps", "state", Some("11")));
+        assert!(
+            !cluster.is_own_write("apps", "state", Some("11")),
+            "only once"
+        );
+        // Someone else's write in between: it passes, and the older own writes are forgotten.
+        cluster.note_write(&secret("20"));
+        assert!(!cluster.is_own_write("apps", "state", Some("15")));
+        assert!(!cluster.is_own_write("apps", "state", Some("20")));
+        assert!(!cluster.is_own_write("apps", "other", Some("20")));
+        assert!(cluster.own_writes.lock().unwrap().is_empty());
     }
 }

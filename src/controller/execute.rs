@@ -457,9 +457,16 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                         Err(e) => warn!(error = %e, "could not look up the application's id"),
                     }
                 }
+                // After a lost refresh the marker's tag names that request's token, which its
+                // search deletes: the grant's token gets a tag of its own.
+                let tag = if lost_answer {
+                    format!("awxto-{:016x}", rand::random::<u64>())
+                } else {
+                    marker.tag.clone()
+                };
                 if !marker.tagged
                     && grant_type != GrantType::ClientCredentials
-                    && let Some(tagged) = self.tag_after(&at, flavor, &marker, &issued).await
+                    && let Some(tagged) = self.tag_after(&at, flavor, &marker, &issued, &tag).await
                 {
                     issued.token_id = Some(tagged.id);
                     issued.application = tagged.application;
@@ -508,12 +515,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         flavor: Flavor,
         marker: &IssueIntent,
         issued: &IssuedToken,
+        tag: &str,
     ) -> Option<ListedToken> {
         let inputs = self.seen.inputs.as_ref().ok()?;
         let username = inputs.username.as_deref()?;
+        // The new token itself, when its scope lets it change its own row: a Bearer token
+        // costs AWX a lookup, a login a password hash (about 0.2 s of CPU each).
+        // docs/awx-protocol.md#list-permissions
+        let writes = issued.scope.split_whitespace().any(|s| s == "write");
         let login = match &inputs.password {
-            Some(password) => Login::Password { username, password },
-            None => Login::Bearer(&issued.access_token),
+            Some(password) if !writes => Login::Password { username, password },
+            _ => Login::Bearer(&issued.access_token),
         };
         // AWX's clock: its Date header (to the second), else ours.
         let around = issued.answered_at.unwrap_or_else(|| self.env.clock.now());
@@ -549,7 +561,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             );
             return None;
         };
-        let description = self.tagged_description(&marker.tag);
+        let description = self.tagged_description(tag);
         match self
             .env
             .awx
@@ -878,7 +890,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 .list_tokens(&at, flavor, login, &tagged)
                 .await?
                 .into_iter()
-                .filter(|t| t.description.contains(&marker.tag))
+                .filter(|t| t.description.contains(&marker.tag) && !held.contains(&t.id))
                 .map(|t| t.id)
                 .collect();
             if !marker.tagged {

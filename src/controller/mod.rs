@@ -37,7 +37,7 @@ use kube::{
         Controller, WatchStreamExt,
         controller::Action,
         finalizer::{Event as FinalizerEvent, finalizer},
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef},
         watcher::{self, watcher},
     },
 };
@@ -69,6 +69,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// This process, as its request markers name it: unique per process start.
     pub identity: String,
+    /// Reconcile only the AwxTokens this label selector matches (one shard of several).
+    pub shard_selector: Option<String>,
 }
 
 impl Default for Settings {
@@ -81,6 +83,7 @@ impl Default for Settings {
             awx_max_in_flight: Some(8),
             concurrency: 16,
             identity: process_identity("awx-token-operator"),
+            shard_selector: None,
         }
     }
 }
@@ -246,16 +249,121 @@ pub fn error_policy(token: Arc<AwxToken>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// The Secrets each AwxToken reads or writes (credentials, target, CA bundle), indexed by
+/// Secret, so that a Secret event finds its AwxTokens without a scan of all of them. Kept
+/// from the AwxToken watch: a relist replaces it.
+#[derive(Default)]
+pub struct SecretIndex {
+    inner: Mutex<IndexInner>,
+}
+
+#[derive(Default)]
+struct IndexInner {
+    /// (namespace, Secret name) → AwxToken names in that namespace.
+    by_secret: HashMap<(String, String), Vec<String>>,
+    /// (namespace, AwxToken name) → the Secret names it is indexed under.
+    by_token: HashMap<(String, String), Vec<String>>,
+    /// During a relist: the AwxTokens listed so far.
+    relisted: Option<HashSet<(String, String)>>,
+}
+
+impl IndexInner {
+    fn remove(&mut self, key: &(String, String)) {
+        for secret in self.by_token.remove(key).unwrap_or_default() {
+            let skey = (key.0.clone(), secret);
+            if let Some(names) = self.by_secret.get_mut(&skey) {
+                names.retain(|n| *n != key.1);
+                if names.is_empty() {
+                    self.by_secret.remove(&skey);
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, token: &AwxToken) {
+        let key = key_of(token);
+        self.remove(&key);
+        let mut secrets = vec![
+            token.spec.grant.credentials_secret_ref.name.clone(),
+            token.secret_name(),
+        ];
+        secrets.extend(
+            token
+                .spec
+                .awx
+                .ca_bundle_secret_ref
+                .as_ref()
+                .map(|c| c.name.clone()),
+        );
+        secrets.sort();
+        secrets.dedup();
+        for secret in &secrets {
+            self.by_secret
+                .entry((key.0.clone(), secret.clone()))
+                .or_default()
+                .push(key.1.clone());
+        }
+        self.by_token.insert(key, secrets);
+    }
+}
+
+impl SecretIndex {
+    pub fn update(&self, event: &watcher::Event<AwxToken>) {
+        let mut inner = lock(&self.inner);
+        match event {
+            watcher::Event::Apply(token) => inner.set(token),
+            watcher::Event::InitApply(token) => {
+                inner.set(token);
+                if let Some(seen) = inner.relisted.as_mut() {
+                    seen.insert(key_of(token));
+                }
+            }
+            watcher::Event::Delete(token) => inner.remove(&key_of(token)),
+            watcher::Event::Init => inner.relisted = Some(HashSet::new()),
+            watcher::Event::InitDone => {
+                if let Some(seen) = inner.relisted.take() {
+                    let gone: Vec<_> = inner
+                        .by_token
+                        .keys()
+                        .filter(|k| !seen.contains(*k))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        inner.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AwxTokens that read or write Secret `name` in `namespace`.
+    pub fn tokens_of(&self, namespace: &str, name: &str) -> Vec<String> {
+        lock(&self.inner)
+            .by_secret
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 /// Maps a Secret event to the AwxTokens it concerns: the owner of a Secret we write, every
 /// AwxToken that reads it (credentials or CA bundle), and every AwxToken whose target it is
-/// (a conflicting Secret that changes may now be writable).
+/// (a conflicting Secret that changes may now be writable). The echo of this process's own
+/// write concerns nobody: the reconcile that wrote it knew.
 fn affected_tokens(
-    store: &Store<AwxToken>,
+    index: &SecretIndex,
+    cluster: &KubeCluster,
     secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<AwxToken>> {
     let ns = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
-    let mut refs = Vec::new();
+    let mut names = index.tokens_of(&ns, &name);
+    if names.is_empty() && secret.labels().get(secrets::MANAGED_BY_LABEL).is_none() {
+        return Vec::new();
+    }
+    if cluster.is_own_write(&ns, &name, secret.resource_version().as_deref()) {
+        return Vec::new();
+    }
     if secret
         .labels()
         .get(secrets::MANAGED_BY_LABEL)
@@ -263,25 +371,41 @@ fn affected_tokens(
         == Some(secrets::MANAGED_BY)
         && let Some(owner) = secret.annotations().get(secrets::OWNER_ANNOTATION)
     {
-        refs.push(ObjectRef::new(owner).within(&ns));
+        names.push(owner.clone());
     }
-    for token in store.state() {
-        if token.namespace().as_deref() != Some(ns.as_str()) {
-            continue;
-        }
-        let concerns = token.spec.grant.credentials_secret_ref.name == name
-            || token.secret_name() == name
-            || token
-                .spec
-                .awx
-                .ca_bundle_secret_ref
-                .as_ref()
-                .is_some_and(|c| c.name == name);
-        if concerns {
-            refs.push(ObjectRef::from(token.as_ref()));
-        }
-    }
-    refs
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| ObjectRef::new(&n).within(&ns))
+        .collect()
+}
+
+/// What the cache keeps of an AwxToken: no managed fields, no last-applied copy of the spec
+/// (most of an object's bytes, read by nothing here).
+fn slim(token: &mut AwxToken) {
+    token.managed_fields_mut().clear();
+    token
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// What of an AwxToken calls for a reconcile: its spec (generation), labels, annotations
+/// (rotate, skip-revoke), finalizers and deletion. Not its status, which this operator
+/// writes itself.
+fn worth_a_reconcile(token: &AwxToken) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let meta = &token.metadata;
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.finalizers.hash(&mut hasher);
+    meta.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_millisecond())
+        .hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// Runs the controller until `shutdown` resolves; `ready` is set once the caches are synced.
@@ -299,8 +423,21 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    let controller = Controller::new(tokens, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    let mut watcher_config = watcher::Config::default().any_semantic();
+    if let Some(selector) = &ctx.settings.shard_selector {
+        watcher_config = watcher_config.labels(selector);
+    }
+    let (store, writer) = reflector::store();
+    let index = Arc::new(SecretIndex::default());
+    let indexer = index.clone();
+    let token_events = watcher(tokens, watcher_config)
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .inspect_ok(move |event| indexer.update(event))
+        .applied_objects()
+        .predicate_filter(worth_a_reconcile, Default::default());
+    let controller = Controller::for_stream(token_events, store.clone());
     let ready_store = store.clone();
     tokio::spawn(async move {
         // The store's readiness signal wakes only one waiter (the controller's own runner also
@@ -318,13 +455,15 @@ pub async fn run(
             }
         }
     });
-    let mapper_store = store.clone();
-    // Secrets are watched as metadata only: their data never enters this process's caches.
-    let secret_events =
-        watcher(secret_api, watcher::Config::default().any_semantic()).touched_objects();
+    let mapper_ctx = ctx.clone();
+    // Secrets are watched as metadata only: their data never enters this process's caches,
+    // and nothing of them is kept.
+    let secret_events = watcher(secret_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
     controller
         .watches_stream(secret_events, move |secret| {
-            affected_tokens(&mapper_store, &secret)
+            affected_tokens(&index, &mapper_ctx.cluster, &secret)
         })
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
@@ -339,4 +478,76 @@ pub async fn run(
         .await;
 }
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+    use crate::fixtures as fx;
+
+    fn token(name: &str, credentials: &str) -> AwxToken {
+        let mut t = fx::awx_token("http://127.0.0.1:1/");
+        t.metadata.name = Some(name.into());
+        t.spec.grant.credentials_secret_ref.name = credentials.into();
+        t.spec.secret.name = None;
+        t
+    }
+
+    fn of(index: &SecretIndex, secret: &str) -> Vec<String> {
+        let mut names = index.tokens_of(fx::NAMESPACE, secret);
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_index_follows_the_awx_token_watch_and_its_relists() {
+        let index = SecretIndex::default();
+        index.update(&watcher::Event::Apply(token("a", "creds")));
+        index.update(&watcher::Event::Apply(token("b", "creds")));
+        assert_eq!(of(&index, "creds"), ["a", "b"]);
+        assert_eq!(
+            of(&index, "a"),
+            ["a"],
+            "the target (named after the AwxToken)"
+        );
+        assert!(of(&index, "other").is_empty());
+        // A changed spec moves the token in the index.
+        index.update(&watcher::Event::Apply(token("a", "creds-2")));
+        assert_eq!(of(&index, "creds"), ["b"]);
+        assert_eq!(of(&index, "creds-2"), ["a"]);
+        index.update(&watcher::Event::Delete(token("b", "creds")));
+        assert!(of(&index, "creds").is_empty());
+        assert!(of(&index, "b").is_empty());
+        // A relist keeps what it lists and forgets the rest.
+        index.update(&watcher::Event::Apply(token("c", "creds")));
+        index.update(&watcher::Event::Init);
+        index.update(&watcher::Event::InitApply(token("a", "creds-2")));
+        assert_eq!(of(&index, "creds"), ["c"], "kept until the relist is done");
+        index.update(&watcher::Event::InitDone);
+        assert!(of(&index, "creds").is_empty());
+        assert_eq!(of(&index, "creds-2"), ["a"]);
+        assert_eq!(lock(&index.inner).by_token.len(), 1);
+    }
+
+    #[test]
+    fn only_the_status_does_not_call_for_a_reconcile() {
+        let t = token("a", "creds");
+        let mut status_only = t.clone();
+        status_only.status = Some(Default::default());
+        status_only.metadata.resource_version = Some("4712".into());
+        assert_eq!(worth_a_reconcile(&t), worth_a_reconcile(&status_only));
+        let mut rotated = t.clone();
+        rotated
+            .annotations_mut()
+            .insert(crate::crd::ROTATE_ANNOTATION.into(), "now".into());
+        assert_ne!(worth_a_reconcile(&t), worth_a_reconcile(&rotated));
+        let mut respec = t.clone();
+        respec.metadata.generation = Some(2);
+        assert_ne!(worth_a_reconcile(&t), worth_a_reconcile(&respec));
+        let mut deleting = t.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        assert_ne!(worth_a_reconcile(&t), worth_a_reconcile(&deleting));
+    }
+}

@@ -84,6 +84,10 @@ pub enum Trigger {
     Rejected,
     /// The rotate annotation has a value not yet acted on.
     Forced(String),
+    /// The refresh chain broke: a refresh failed, or its answer was lost, in which case AWX
+    /// may have deleted the access token in the Secret along with it.
+    /// docs/awx-protocol.md#interrupted-requests
+    ChainBroken,
     /// The renewal time has come.
     Due,
 }
@@ -92,7 +96,10 @@ impl Trigger {
     /// Whether the token in the Secret is being renewed (rather than first issued or replaced
     /// because its inputs changed).
     pub fn is_renewal(&self) -> bool {
-        matches!(self, Trigger::Forced(_) | Trigger::Due | Trigger::Rejected)
+        matches!(
+            self,
+            Trigger::Forced(_) | Trigger::Due | Trigger::Rejected | Trigger::ChainBroken
+        )
     }
 
     pub fn describe(&self) -> &'static str {
@@ -101,6 +108,7 @@ impl Trigger {
             Trigger::InputsChanged => "the URL, grant or credentials changed",
             Trigger::Rejected => "AWX rejected the token in the Secret",
             Trigger::Forced(_) => "rotation requested by annotation",
+            Trigger::ChainBroken => "the refresh chain broke (a refresh failed or was interrupted)",
             Trigger::Due => "renewal time reached",
         }
     }
@@ -286,6 +294,9 @@ pub fn trigger(f: &Facts<'_>, valid: &ValidSpec, fingerprint: &str) -> Option<Tr
         && Some(value) != f.state.rotated_for.as_deref()
     {
         return Some(Trigger::Forced(value.to_string()));
+    }
+    if current.refresh_broken {
+        return Some(Trigger::ChainBroken);
     }
     if f.now >= renewal_time(f.uid, current, valid) {
         return Some(Trigger::Due);

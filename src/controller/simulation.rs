@@ -1487,6 +1487,17 @@ impl Run {
                     o.token.name_any()
                 ));
             }
+            // Dead only if an admin deleted it: nothing tells the operator unless it verifies.
+            let dead_by_admin = world
+                .tokens
+                .iter()
+                .any(|t| t.value == current && t.deleted_by_admin);
+            if !dead_by_admin && !alive.iter().any(|t| t.value == current) {
+                return Err(format!(
+                    "{}: the Secret's token is dead in AWX",
+                    o.token.name_any()
+                ));
+            }
             let ready = world.statuses.get(&o.token.name_any()).and_then(|s| {
                 s.conditions
                     .iter()

@@ -217,9 +217,25 @@ fn a_due_token_is_renewed_by_the_grant_or_by_refresh() {
     w.respec(serde_json::json!({"renewal": {"strategy": "Refresh"}}));
     w.now = w.renewal();
     assert_eq!(w.next(), obtain(Trigger::Due, true));
-    // A chain that failed or was interrupted is not trusted: the grant.
+    // A chain that failed or was interrupted is not trusted: the grant, at once (a lost
+    // refresh may have taken the access token in the Secret with it).
     w.state.current.as_mut().unwrap().refresh_broken = true;
-    assert_eq!(w.next(), obtain(Trigger::Due, false));
+    assert_eq!(w.next(), obtain(Trigger::ChainBroken, false));
+    w.now = t(0);
+    assert_eq!(
+        w.next(),
+        obtain(Trigger::ChainBroken, false),
+        "before the renewal time"
+    );
+    // ...but no faster than the backoff after a failed grant.
+    w.state.failure = Some(failure(1, t(0), true));
+    assert!(
+        matches!(w.next(), Next::Done(Wake::At(_))),
+        "{:?}",
+        w.next()
+    );
+    w.state.failure = None;
+    w.now = w.renewal();
     w.state.current.as_mut().unwrap().refresh_broken = false;
     w.state.interrupted.push(IssueIntent {
         refresh: true,
