@@ -62,6 +62,9 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(reconciler::replaced_token_is_revoked_while_renewals_fail),
         scenario!(reconciler::ten_refusals_are_ten_requests),
         scenario!(reconciler::refresh_recovers_from_a_deleted_access_token),
+        scenario!(
+            reconciler::shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue
+        ),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),

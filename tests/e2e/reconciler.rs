@@ -564,3 +564,119 @@ pub async fn refresh_recovers_from_a_deleted_access_token(env: Arc<Env>) -> Test
     );
     Ok(())
 }
+
+/// Two operator processes, each a shard (`--shard-selector`) of 1,000 AwxTokens split by the
+/// `sharding.fluxcd.io/key` label: each token is issued exactly once, by its own shard; a
+/// relabelled token moves to the other shard without a second issue, and from then on only
+/// the new shard acts on it.
+pub async fn shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue(
+    env: Arc<Env>,
+) -> TestResult {
+    const TOKENS: usize = 1000;
+    const KEY: &str = "sharding.fluxcd.io/key";
+    let awx = env.private_standin("shards", "awx")?;
+    let s = setup_with(
+        &env,
+        "e2e-shards",
+        awx,
+        &["--shard-selector", &format!("{KEY}=shard-1")],
+    )
+    .await?;
+    let two = env.start_operator(&s.ns, &["--shard-selector", &format!("{KEY}=shard-2")])?;
+    // Four applications: grants of one user and application run one at a time per process.
+    for c in 0..4 {
+        s.password_credentials(&env, &format!("creds-{c}")).await?;
+    }
+    let shard_of = |i: usize| {
+        if i.is_multiple_of(2) {
+            "shard-1"
+        } else {
+            "shard-2"
+        }
+    };
+    let doc = |i: usize, shard: &str| {
+        let mut t = awx_token(
+            &s.ns,
+            &format!("t{i:04}"),
+            &s.awx.url,
+            "Password",
+            &format!("creds-{}", (i / 2) % 4),
+            json!({}),
+        );
+        t["metadata"]["labels"] = json!({KEY: shard});
+        t.to_string()
+    };
+    for chunk in (0..TOKENS).collect::<Vec<_>>().chunks(250) {
+        let docs: Vec<String> = chunk.iter().map(|i| doc(*i, shard_of(*i))).collect();
+        env.kubectl_stdin(&["apply", "-f", "-"], &docs.join("\n"))?;
+    }
+    wait_for(
+        "all AwxTokens Ready",
+        Duration::from_secs(600),
+        || async {
+            let out = env.kubectl(&[
+                "get",
+                "awxt",
+                "-n",
+                &s.ns,
+                "-o",
+                "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ])?;
+            Ok((out.lines().filter(|l| *l == "True").count() == TOKENS).then_some(()))
+        },
+    )
+    .await?;
+    let (one_sent, two_sent) = (
+        token_requests_sent(&s.op).await?,
+        token_requests_sent(&two).await?,
+    );
+    ensure_eq!(
+        (one_sent, two_sent),
+        ((TOKENS / 2) as f64, (TOKENS / 2) as f64),
+        "each shard issued its half, each token once"
+    );
+    ensure_eq!(
+        s.awx.live_tokens(&s.user).await?.len(),
+        TOKENS,
+        "AWX holds one token per AwxToken"
+    );
+
+    // t0000 moves from shard 1 to shard 2: its token stays.
+    let before = env
+        .secret_value(&s.ns, "t0000", "token")
+        .await?
+        .ok_or("no token")?;
+    env.kubectl(&[
+        "label",
+        "awxt",
+        "t0000",
+        "-n",
+        &s.ns,
+        &format!("{KEY}=shard-2"),
+        "--overwrite",
+    ])?;
+    // Shard 2 shows that it looked: a rotation asked of the moved token is done by it alone.
+    env.kubectl(&[
+        "annotate",
+        "awxt",
+        "t0000",
+        "-n",
+        &s.ns,
+        "awx-token-operator.io/rotate=after-the-move",
+    ])?;
+    let after = wait_token(&env, &s.ns, "t0000", Some(&before)).await?;
+    ensure_eq!(
+        s.awx.whoami(&after).await?,
+        Some(s.user.clone()),
+        "the moved token's new token works"
+    );
+    ensure_eq!(
+        (
+            token_requests_sent(&s.op).await?,
+            token_requests_sent(&two).await?
+        ),
+        (one_sent, two_sent + 1.0),
+        "one new token, by the new shard; none when it moved"
+    );
+    Ok(())
+}
