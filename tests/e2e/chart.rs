@@ -303,6 +303,8 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
         "rbac.rolloutRestartTargets=false",
         "--set",
         "rbac.ownerReferencesPermissionEnforcement=true",
+        "--set-json",
+        r#"shardSelector="sharding.fluxcd.io/key=shard-1""#,
     ]);
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("default", vec![]),
@@ -405,6 +407,13 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
                 pdb["apiVersion"],
                 json!("policy/v1beta1"),
                 "{case}: PDB API of Kubernetes {kube_version}"
+            );
+        }
+        if values.iter().any(|v| v.starts_with("shardSelector")) {
+            ensure!(
+                strings(&deployment[0]["spec"]["template"]["spec"]["containers"][0]["args"])
+                    .contains(&"--shard-selector=sharding.fluxcd.io/key=shard-1".to_string()),
+                "{case}: shardSelector becomes --shard-selector"
             );
         }
         if values.iter().any(|v| v.starts_with("allowedAwxHosts")) {

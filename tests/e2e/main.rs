@@ -63,7 +63,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(reconciler::ten_refusals_are_ten_requests),
         scenario!(reconciler::refresh_recovers_from_a_deleted_access_token),
         scenario!(
-            reconciler::shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue
+            reconciler::serial_shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue
         ),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
