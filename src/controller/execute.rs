@@ -356,7 +356,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         };
         let now = self.env.clock.now();
         let marker = IssueIntent {
-            tag: format!("awxto-{:016x}", rand::random::<u64>()),
+            tag: new_tag(),
             started_at: now,
             personal: grant_type == GrantType::PersonalAccessToken,
             gateway: flavor == Flavor::Gateway,
@@ -460,7 +460,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 // After a lost refresh the marker's tag names that request's token, which its
                 // search deletes: the grant's token gets a tag of its own.
                 let tag = if lost_answer {
-                    format!("awxto-{:016x}", rand::random::<u64>())
+                    new_tag()
                 } else {
                     marker.tag.clone()
                 };
@@ -1533,6 +1533,11 @@ fn untagged_candidate(
 }
 
 /// The ids of the tokens the state holds, where known.
+/// A random tag for a token request, put into its token's description.
+fn new_tag() -> String {
+    format!("awxto-{:016x}", rand::random::<u64>())
+}
+
 fn held_ids(state: &TokenState) -> Vec<u64> {
     state
         .current

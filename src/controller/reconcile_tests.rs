@@ -1416,18 +1416,17 @@ async fn another_process_request_in_flight_is_waited_for_without_a_search_and_re
     other.started_at = Timestamp::now() - SignedDuration::from_secs(1);
     state.issuing = Some(other);
     awx_lists(&h, vec![listed(42, Some(APP), Timestamp::now(), "")], None).await;
+    // A reconcile that only looks and reports.
+    let look = |state: &TokenState| {
+        vec![
+            get(STATE, Reply::object(state_object(&world.token, state))),
+            get(TARGET, Reply::object(world.target.clone())),
+            get(CREDENTIALS, Reply::object(fx::credentials())),
+            patch(STATUS, Reply::status_of(&world.token)),
+        ]
+    };
 
-    let run = h
-        .reconcile(
-            &world.token,
-            vec![
-                get(STATE, Reply::object(state_object(&world.token, &state))),
-                get(TARGET, Reply::object(world.target.clone())),
-                get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATUS, Reply::status_of(&world.token)),
-            ],
-        )
-        .await;
+    let run = h.reconcile(&world.token, look(&state)).await;
 
     // Token 42 may be the other request's: nothing is listed, nothing deleted.
     assert!(
@@ -1451,17 +1450,7 @@ async fn another_process_request_in_flight_is_waited_for_without_a_search_and_re
 
     // Without a lost request of its own, the other process's marker alone says so too.
     state.interrupted.clear();
-    let run = h
-        .reconcile(
-            &world.token,
-            vec![
-                get(STATE, Reply::object(state_object(&world.token, &state))),
-                get(TARGET, Reply::object(world.target.clone())),
-                get(CREDENTIALS, Reply::object(fx::credentials())),
-                patch(STATUS, Reply::status_of(&world.token)),
-            ],
-        )
-        .await;
+    let run = h.reconcile(&world.token, look(&state)).await;
     let status = last_body(&run, Method::PATCH, STATUS);
     let pending = condition(status, "CleanupPending");
     assert_eq!(pending["status"], "True");
