@@ -362,7 +362,9 @@ pub async fn replaced_token_is_revoked_while_renewals_fail(env: Arc<Env>) -> Tes
             json!({"renewal": {"revokeGracePeriod": "8s"}}),
         )
         .await?;
-    // Watched, not polled: a poll under load sees the change seconds late.
+    // Watched, not polled: a poll under load sees the change seconds late. The watch is
+    // running (it delivered the Secret with the first token) before the rotation is asked
+    // for; a watch started afterwards may begin with a list that already holds the new token.
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &s.ns);
     let mut changes = watcher(
         secrets,
@@ -370,6 +372,23 @@ pub async fn replaced_token_is_revoked_while_renewals_fail(env: Arc<Env>) -> Tes
     )
     .applied_objects()
     .boxed();
+    let token_of = |secret: &Secret| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("token"))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    let initial = tokio::time::timeout(READY_TIMEOUT, changes.try_next())
+        .await
+        .map_err(|_| "the watch on the Secret delivered nothing".to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the watch on the Secret ended")?;
+    ensure_eq!(
+        token_of(&initial),
+        Some(first.clone()),
+        "the watch starts at the first token"
+    );
     env.kubectl(&[
         "annotate",
         "awxt",
@@ -378,13 +397,6 @@ pub async fn replaced_token_is_revoked_while_renewals_fail(env: Arc<Env>) -> Tes
         &s.ns,
         "awx-token-operator.io/rotate=now",
     ])?;
-    let token_of = |secret: &Secret| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get("token"))
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-    };
     let (second, replaced_at) = tokio::time::timeout(READY_TIMEOUT, async {
         while let Some(secret) = changes.try_next().await.map_err(|e| e.to_string())? {
             if let Some(token) = token_of(&secret).filter(|t| *t != first) {
