@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -47,10 +47,15 @@ pub struct AwxTokenSpec {
     #[serde(default = "default_true")]
     pub revoke_on_delete: bool,
     /// Workloads in this namespace restarted (pod-template annotation) whenever the token in
-    /// the Secret is replaced; never on the first issue.
+    /// the Secret is replaced; never on the first issue, nor because the operator restarted.
+    /// With targets, a replaced token is revoked once every restarted workload has finished
+    /// its rollout (or rolloutRestart.rolloutTimeout has passed), not after revokeGracePeriod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+    /// When and how often rolloutRestartTargets are restarted.
+    #[serde(default)]
+    pub rollout_restart: RolloutRestartPolicy,
     /// Stop all AWX traffic for this token while it exists: no issue, renewal, verification,
     /// revocation of replaced tokens or search after an interrupted request. The Secret keeps
     /// its current token. Deleting a suspended AwxToken still revokes its tokens (unless
@@ -322,19 +327,59 @@ pub enum RenewalStrategy {
     Refresh,
 }
 
-/// A workload restarted when the token changes.
-#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+/// Workloads restarted when the token changes: one by name, or every one of the kind whose
+/// labels match a selector.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.name) != has(self.selector)").message("a restart target has either name or selector"))]
 pub struct RolloutRestartTarget {
     /// Deployment, StatefulSet or DaemonSet.
     pub kind: WorkloadKind,
     /// Name of the workload in the AwxToken's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    pub name: String,
+    pub name: Option<String>,
+    /// Every workload of the kind in the AwxToken's namespace whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// When rolloutRestartTargets are restarted. Durations as in renewal.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartPolicy {
+    /// How long after the token changed the workloads are restarted. Workloads fed by several
+    /// AwxTokens whose tokens change within it are restarted once, after the last change.
+    #[serde(default = "default_restart_delay")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub delay: String,
+    /// The shortest time between two restarts of one workload by the operator (whichever
+    /// AwxToken asked for them); a restart owed sooner waits.
+    #[serde(default = "default_restart_min_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub min_interval: String,
+    /// How long a replaced token is kept for a rollout that does not finish (replicas
+    /// updated and available). After revokeGracePeriod a Warning says the rollout is late;
+    /// after this the token is revoked anyway.
+    #[serde(default = "default_rollout_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub rollout_timeout: String,
+}
+
+impl Default for RolloutRestartPolicy {
+    fn default() -> Self {
+        Self {
+            delay: default_restart_delay(),
+            min_interval: default_restart_min_interval(),
+            rollout_timeout: default_rollout_timeout(),
+        }
+    }
 }
 
 /// Kinds of workload that can be restarted.
-#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum WorkloadKind {
     /// apps/v1 Deployment.
     Deployment,
@@ -449,6 +494,15 @@ fn default_verify_every() -> String {
 }
 fn default_refresh_token_lifetime() -> String {
     "730h".into()
+}
+fn default_restart_delay() -> String {
+    "10s".into()
+}
+fn default_restart_min_interval() -> String {
+    "1m".into()
+}
+fn default_rollout_timeout() -> String {
+    "30m".into()
 }
 
 impl AwxToken {
@@ -579,7 +633,7 @@ mod tests {
     fn without_cel_strips_every_rule() {
         let with = crd_yaml(false).unwrap();
         let without = crd_yaml(true).unwrap();
-        assert_eq!(with.matches("x-kubernetes-validations").count(), 3);
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 4);
         assert_eq!(without.matches("x-kubernetes-validations").count(), 0);
     }
 }

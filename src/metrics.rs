@@ -42,6 +42,13 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RestartLabels {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwxRequestLabels {
     pub endpoint: &'static str,
     /// 2xx, 3xx, 4xx, 5xx, or "error" when no HTTP answer came.
@@ -87,6 +94,8 @@ pub struct Metrics {
     pub interrupted_issues: Family<OutcomeLabels, Counter>,
     pub renewal_failures: Family<ReasonLabels, Counter>,
     pub verifications: Family<OutcomeLabels, Counter>,
+    pub restarts: Family<RestartLabels, Counter>,
+    pub rollouts: Family<OutcomeLabels, Counter>,
     pub awx_requests: Family<AwxRequestLabels, Counter>,
     pub awx_request_duration: Family<EndpointLabels, Histogram, LatencyHistogram>,
     pub objects_in_backoff: Gauge,
@@ -163,6 +172,21 @@ impl Metrics {
              rejected (AWX no longer accepts it), error (no answer)",
             verifications.clone(),
         );
+        let restarts = Family::<RestartLabels, Counter>::default();
+        registry.register(
+            "restarts",
+            "Workload restarts for a token change (rolloutRestartTargets) by kind and outcome: \
+             restarted, shared (another AwxToken's restart already gave the pods the new token), \
+             failed",
+            restarts.clone(),
+        );
+        let rollouts = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "rollouts",
+            "Rollouts waited for before replaced tokens are revoked, by outcome: finished, \
+             timed_out (rolloutRestart.rolloutTimeout passed; the tokens were revoked anyway)",
+            rollouts.clone(),
+        );
         let awx_requests = Family::<AwxRequestLabels, Counter>::default();
         registry.register(
             "awx_requests",
@@ -220,6 +244,8 @@ impl Metrics {
             interrupted_issues,
             renewal_failures,
             verifications,
+            restarts,
+            rollouts,
             awx_requests,
             awx_request_duration,
             objects_in_backoff,

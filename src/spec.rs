@@ -24,6 +24,15 @@ pub struct ValidSpec {
     /// How long AWX keeps a refresh token usable (REFRESH_TOKEN_EXPIRE_SECONDS).
     pub refresh_token_lifetime: Duration,
     pub timeout: Duration,
+    pub restart: RestartPolicy,
+}
+
+/// When rolloutRestartTargets are restarted (spec.rolloutRestart).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RestartPolicy {
+    pub delay: Duration,
+    pub min_interval: Duration,
+    pub rollout_timeout: Duration,
 }
 
 /// How long before AWX's expiry a token is renewed.
@@ -228,8 +237,38 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         ));
     }
     for target in &spec.rollout_restart_targets {
-        check_name("rolloutRestartTargets.name", &target.name)?;
+        match (&target.name, &target.selector) {
+            (Some(name), None) => check_name("rolloutRestartTargets.name", name)?,
+            (None, Some(selector)) => {
+                label_selector(selector)
+                    .map_err(|m| invalid("rolloutRestartTargets.selector", m))?;
+            }
+            _ => {
+                return Err(invalid(
+                    "rolloutRestartTargets",
+                    "each target has either name or selector",
+                ));
+            }
+        }
     }
+    let policy = &spec.rollout_restart;
+    let restart_duration = |field: &'static str, text: &str| {
+        parse_duration(text)
+            .map_err(|m| invalid(field, m))
+            .and_then(|d| {
+                (d <= MAX_DURATION)
+                    .then_some(d)
+                    .ok_or_else(|| invalid(field, "must be at most 366d"))
+            })
+    };
+    let restart = RestartPolicy {
+        delay: restart_duration("rolloutRestart.delay", &policy.delay)?,
+        min_interval: restart_duration("rolloutRestart.minInterval", &policy.min_interval)?,
+        rollout_timeout: restart_duration(
+            "rolloutRestart.rolloutTimeout",
+            &policy.rollout_timeout,
+        )?,
+    };
 
     Ok(ValidSpec {
         url,
@@ -241,7 +280,47 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         strategy,
         refresh_token_lifetime,
         timeout: Duration::from_secs(u64::from(spec.awx.timeout_seconds.clamp(1, 300))),
+        restart,
     })
+}
+
+/// A label selector as the API's list calls take it (`app=web,tier in (a,b)`); an empty one
+/// would select every workload of the kind, and is refused.
+pub fn label_selector(
+    selector: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> Result<String, String> {
+    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(|e| e.is_empty());
+    if empty {
+        return Err(
+            "an empty selector would restart every workload of the kind; name the labels".into(),
+        );
+    }
+    for key in selector
+        .match_labels
+        .iter()
+        .flat_map(|m| m.keys())
+        .chain(selector.match_expressions.iter().flatten().map(|e| &e.key))
+    {
+        check_qualified_name("rolloutRestartTargets.selector", key).map_err(|e| e.message)?;
+    }
+    for value in selector.match_labels.iter().flat_map(|m| m.values()).chain(
+        selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .flat_map(|e| e.values.iter().flatten()),
+    ) {
+        if value.len() > 63 || !is_label_value(value) {
+            return Err(format!("{} is not a valid label value", quoted(value)));
+        }
+    }
+    kube::core::Selector::try_from(selector.clone())
+        .map(|s| s.to_string())
+        .map_err(|e| format!("not a usable selector: {e}"))
 }
 
 /// Host, with the port when the URL names one: what `--allowed-awx-hosts` is matched against.
@@ -792,11 +871,108 @@ mod tests {
             error_of(|s| {
                 s.rollout_restart_targets.push(RolloutRestartTarget {
                     kind: WorkloadKind::Deployment,
-                    name: "Api".into(),
+                    name: Some("Api".into()),
+                    selector: None,
                 });
             })
             .field,
             "rolloutRestartTargets.name"
+        );
+    }
+
+    #[test]
+    fn restart_targets_take_a_name_or_a_selector_and_the_policy_parses() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+            LabelSelector, LabelSelectorRequirement,
+        };
+        let selector =
+            |labels: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>| LabelSelector {
+                match_labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                match_expressions: Some(exprs),
+            };
+        let target = |name: Option<&str>, selector: Option<LabelSelector>| RolloutRestartTarget {
+            kind: WorkloadKind::StatefulSet,
+            name: name.map(str::to_string),
+            selector,
+        };
+        let both = error_of(|s| {
+            s.rollout_restart_targets.push(target(
+                Some("web"),
+                Some(selector(&[("app", "web")], vec![])),
+            ))
+        });
+        assert_eq!(both.field, "rolloutRestartTargets");
+        assert_eq!(
+            error_of(|s| s.rollout_restart_targets.push(target(None, None))).field,
+            "rolloutRestartTargets"
+        );
+        let empty = error_of(|s| {
+            s.rollout_restart_targets
+                .push(target(None, Some(selector(&[], vec![]))))
+        });
+        assert_eq!(empty.field, "rolloutRestartTargets.selector");
+        assert!(
+            empty.message.contains("every workload"),
+            "{}",
+            empty.message
+        );
+        let bad_value = error_of(|s| {
+            s.rollout_restart_targets.push(target(
+                None,
+                Some(selector(&[("app", "no spaces")], vec![])),
+            ))
+        });
+        assert_eq!(bad_value.field, "rolloutRestartTargets.selector");
+        let bad_op = error_of(|s| {
+            s.rollout_restart_targets.push(target(
+                None,
+                Some(selector(
+                    &[],
+                    vec![LabelSelectorRequirement {
+                        key: "tier".into(),
+                        operator: "Near".into(),
+                        values: Some(vec!["a".into()]),
+                    }],
+                )),
+            ))
+        });
+        assert_eq!(bad_op.field, "rolloutRestartTargets.selector");
+        assert_eq!(
+            label_selector(&selector(
+                &[("app", "web")],
+                vec![LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["a".into(), "b".into()]),
+                }],
+            ))
+            .unwrap(),
+            "app=web,tier in (a,b)"
+        );
+        let mut s = spec();
+        s.rollout_restart.delay = "3s".into();
+        s.rollout_restart.min_interval = "2m".into();
+        s.rollout_restart.rollout_timeout = "1h".into();
+        assert_eq!(
+            validate(&s).unwrap().restart,
+            RestartPolicy {
+                delay: Duration::from_secs(3),
+                min_interval: Duration::from_secs(120),
+                rollout_timeout: Duration::from_secs(3600),
+            }
+        );
+        assert_eq!(
+            error_of(|s| s.rollout_restart.rollout_timeout = "400d".into()).field,
+            "rolloutRestart.rolloutTimeout"
+        );
+        assert_eq!(
+            error_of(|s| s.rollout_restart.delay = "soon".into()).field,
+            "rolloutRestart.delay"
         );
     }
 
@@ -1228,7 +1404,8 @@ mod tests {
                 if let Some(name) = target {
                     s.rollout_restart_targets.push(RolloutRestartTarget {
                         kind: WorkloadKind::StatefulSet,
-                        name,
+                        name: Some(name),
+                        selector: None,
                     });
                 }
 
@@ -1260,7 +1437,8 @@ mod tests {
                             prop_assert!(api_object_name(&ca.name) && api_secret_key(&ca.key));
                         }
                         for t in &s.rollout_restart_targets {
-                            prop_assert!(api_object_name(&t.name), "{:?}", t.name);
+                            let name = t.name.as_deref().unwrap_or_default();
+                            prop_assert!(api_object_name(name), "{:?}", t.name);
                         }
                     }
                 }

@@ -8,7 +8,10 @@ use std::fmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::awx::{ClientCredentials, Flavor, RevocationCredentials, TokenKind, TokenToRevoke};
+use crate::{
+    awx::{ClientCredentials, Flavor, RevocationCredentials, TokenKind, TokenToRevoke},
+    crd::WorkloadKind,
+};
 
 /// A secret string that serialises as itself (it is stored in a Secret) but never prints.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,61 @@ pub struct TokenState {
     /// object, must not forget the backoff (AWX accounts can lock after wrong passwords).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureRecord>,
+    /// A restart of spec.rolloutRestartTargets owed because the token in the Secret changed:
+    /// recorded with the new token, before the Secret is written, and kept until every
+    /// restarted workload finished its rollout (or the rollout timeout passed), so that a
+    /// crash or a failed patch loses no restart, and replaced tokens wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartOwed>,
+    /// Why the last rollout was given up on (its timeout passed); cleared by the next change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_timed_out: Option<String>,
+}
+
+/// Restarts owed for one token change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartOwed {
+    /// When the new token was recorded (just before the Secret got it): a restart stamped at
+    /// or after this time gives the pods the new token, whoever made it.
+    pub since: Timestamp,
+    /// Not before this (a failed attempt's backoff, or a workload's minimum interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Timestamp>,
+    /// Consecutive failed attempts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Why the last attempt failed (no secret values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Set once every target is restarted: the rollouts waited for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted: Option<Restarted>,
+    /// The late-rollout warning was given.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warned: bool,
+}
+
+/// Workloads restarted for one change, whose rollouts are waited for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Restarted {
+    pub at: Timestamp,
+    pub workloads: Vec<WorkloadRef>,
+}
+
+/// A workload, as the state remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+impl fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}/{}", self.kind, self.name)
+    }
 }
 
 /// Consecutive failed attempts to obtain a token.
@@ -376,6 +434,21 @@ mod tests {
                 inputs: "abc".into(),
                 rotation: Some("r1".into()),
             }),
+            restart: Some(RestartOwed {
+                since: Timestamp::from_second(1_700_000_200).unwrap(),
+                retry_after: None,
+                attempts: 1,
+                error: Some("forbidden".into()),
+                restarted: Some(Restarted {
+                    at: Timestamp::from_second(1_700_000_210).unwrap(),
+                    workloads: vec![WorkloadRef {
+                        kind: WorkloadKind::StatefulSet,
+                        name: "db".into(),
+                    }],
+                }),
+                warned: true,
+            }),
+            rollout_timed_out: None,
         };
         state
             .retiring

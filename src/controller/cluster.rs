@@ -7,21 +7,26 @@ use std::{
     sync::{Mutex, PoisonError},
 };
 
+use jiff::Timestamp;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
-    core::v1::Secret,
+    core::v1::{ObjectReference, Secret},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
     runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
 };
 use tracing::warn;
 
-use super::FIELD_MANAGER;
+use super::{
+    FIELD_MANAGER,
+    workloads::{self, Workload},
+};
 use crate::{
     Error,
-    crd::{AwxToken, AwxTokenStatus, RolloutRestartTarget, WorkloadKind},
+    crd::{AwxToken, AwxTokenStatus, WorkloadKind},
+    state::WorkloadRef,
 };
 
 /// An event about an AwxToken. The note never holds a secret value.
@@ -79,13 +84,37 @@ pub trait Cluster: Send + Sync {
     /// Publishes an event about `token`; failing to is only logged.
     fn publish(&self, token: &AwxToken, event: Event) -> impl Future<Output = ()> + Send;
 
-    /// Restarts a workload by stamping its pod template.
+    /// The workloads of `kind` whose labels match `selector`.
+    fn list_workloads(
+        &self,
+        namespace: &str,
+        kind: WorkloadKind,
+        selector: &str,
+    ) -> impl Future<Output = Result<Vec<Workload>, Error>> + Send;
+
+    /// One workload, if it exists.
+    fn workload(
+        &self,
+        namespace: &str,
+        id: &WorkloadRef,
+    ) -> impl Future<Output = Result<Option<Workload>, Error>> + Send;
+
+    /// Restarts `workload` by stamping its pod template with `at`, if it is still the version
+    /// read (else [`Error::Conflict`]).
     fn restart(
         &self,
         namespace: &str,
-        target: &RolloutRestartTarget,
-        stamp: &str,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+        workload: &Workload,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<Workload, Error>> + Send;
+
+    /// Publishes an event about a workload; failing to is only logged.
+    fn publish_on_workload(
+        &self,
+        namespace: &str,
+        workload: &Workload,
+        event: Event,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// The API server.
@@ -262,35 +291,121 @@ impl Cluster for KubeCluster {
         }
     }
 
+    async fn list_workloads(
+        &self,
+        namespace: &str,
+        kind: WorkloadKind,
+        selector: &str,
+    ) -> Result<Vec<Workload>, Error> {
+        let client = self.client.clone();
+        let params = ListParams::default().labels(selector);
+        Ok(match kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+                .list(&params)
+                .await?
+                .iter()
+                .map(workloads::deployment)
+                .collect(),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+                .list(&params)
+                .await?
+                .iter()
+                .map(workloads::stateful_set)
+                .collect(),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+                .list(&params)
+                .await?
+                .iter()
+                .map(workloads::daemon_set)
+                .collect(),
+        })
+    }
+
+    async fn workload(&self, namespace: &str, id: &WorkloadRef) -> Result<Option<Workload>, Error> {
+        let client = self.client.clone();
+        Ok(match id.kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+                .get_opt(&id.name)
+                .await?
+                .as_ref()
+                .map(workloads::deployment),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+                .get_opt(&id.name)
+                .await?
+                .as_ref()
+                .map(workloads::stateful_set),
+            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+                .get_opt(&id.name)
+                .await?
+                .as_ref()
+                .map(workloads::daemon_set),
+        })
+    }
+
     async fn restart(
         &self,
         namespace: &str,
-        target: &RolloutRestartTarget,
-        stamp: &str,
-    ) -> Result<(), Error> {
-        let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {
-            "awx-token-operator.io/restartedAt": stamp,
-        }}}}});
+        workload: &Workload,
+        at: Timestamp,
+    ) -> Result<Workload, Error> {
+        // A merge patch carrying the version read: two AwxTokens restarting one workload at
+        // once restart it once (the second sees the first's stamp when it reads again).
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": workload.resource_version},
+            "spec": {"template": {"metadata": {"annotations": {
+                workloads::RESTARTED_AT_ANNOTATION: at.to_string(),
+            }}}}
+        });
         let params = PatchParams::default();
         let client = self.client.clone();
-        match target.kind {
-            WorkloadKind::Deployment => {
-                Api::<Deployment>::namespaced(client, namespace)
-                    .patch(&target.name, &params, &Patch::Merge(&patch))
-                    .await?;
-            }
-            WorkloadKind::StatefulSet => {
-                Api::<StatefulSet>::namespaced(client, namespace)
-                    .patch(&target.name, &params, &Patch::Merge(&patch))
-                    .await?;
-            }
-            WorkloadKind::DaemonSet => {
-                Api::<DaemonSet>::namespaced(client, namespace)
-                    .patch(&target.name, &params, &Patch::Merge(&patch))
-                    .await?;
-            }
+        let name = &workload.id.name;
+        let what = format!("{}", workload.id);
+        let conflict = |e| conflict_or(e, &what);
+        Ok(match workload.id.kind {
+            WorkloadKind::Deployment => workloads::deployment(
+                &Api::<Deployment>::namespaced(client, namespace)
+                    .patch(name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(conflict)?,
+            ),
+            WorkloadKind::StatefulSet => workloads::stateful_set(
+                &Api::<StatefulSet>::namespaced(client, namespace)
+                    .patch(name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(conflict)?,
+            ),
+            WorkloadKind::DaemonSet => workloads::daemon_set(
+                &Api::<DaemonSet>::namespaced(client, namespace)
+                    .patch(name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(conflict)?,
+            ),
+        })
+    }
+
+    async fn publish_on_workload(&self, namespace: &str, workload: &Workload, event: Event) {
+        let reference = ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some(format!("{:?}", workload.id.kind)),
+            name: Some(workload.id.name.clone()),
+            namespace: Some(namespace.to_string()),
+            uid: workload.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let event = KubeEvent {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.into(),
+            note: Some(event.note.chars().take(1000).collect()),
+            action: "Restart".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            warn!(error = %e, "could not publish event");
         }
-        Ok(())
     }
 }
 

@@ -22,18 +22,22 @@ use super::{
     observe::{self, Observed},
     plan::{self, Backoff, Blocker, Facts, Next, Obtain, Target, Trigger, Wake},
     status,
+    workloads::Workload,
 };
 use crate::{
     Error,
     awx::{
         AwxError, Flavor, IssuedToken, ListedToken, Login, Outcome, Scope, TokenKind, TokenQuery,
     },
-    crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec},
-    metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, TokenLabels},
+    crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec, WorkloadKind},
+    metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, RestartLabels, TokenLabels},
     schedule,
     secrets::{self, Ownership},
     spec::ValidSpec,
-    state::{FailureRecord, HeldToken, IssueIntent, Sensitive, TokenRecord, TokenState},
+    state::{
+        FailureRecord, HeldToken, IssueIntent, RestartOwed, Restarted, Sensitive, TokenRecord,
+        TokenState, WorkloadRef,
+    },
 };
 
 /// Steps one reconcile may take; a plan that does not settle within them is a bug, and the
@@ -71,7 +75,12 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
     env: &Env<'_, C, A, K>,
 ) -> Result<Applied, Error> {
     let seen = observe::observe(token, env.cluster).await?;
-    let mut run = Run { token, env, seen };
+    let mut run = Run {
+        token,
+        env,
+        seen,
+        rollout_checked: false,
+    };
     for _ in 0..MAX_STEPS {
         let now = env.clock.now();
         let next = plan::next(&run.facts(now));
@@ -97,7 +106,12 @@ pub async fn cleanup<C: Cluster, A: AwxApi, K: Clock>(
     env: &Env<'_, C, A, K>,
 ) -> Result<(), Error> {
     let seen = observe::observe(token, env.cluster).await?;
-    let mut run = Run { token, env, seen };
+    let mut run = Run {
+        token,
+        env,
+        seen,
+        rollout_checked: false,
+    };
     for _ in 0..MAX_STEPS {
         let now = env.clock.now();
         match plan::next_on_delete(&run.facts(now)) {
@@ -116,6 +130,8 @@ struct Run<'a, C, A, K> {
     token: &'a AwxToken,
     env: &'a Env<'a, C, A, K>,
     seen: Observed,
+    /// The restarted workloads' rollouts were looked at (once per reconcile).
+    rollout_checked: bool,
 }
 
 /// A state edit that cannot be applied to the state as it now is.
@@ -154,6 +170,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 max: settings.backoff_max,
             },
             holder: &settings.identity,
+            rollout_checked: self.rollout_checked,
         }
     }
 
@@ -198,9 +215,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Next::ClaimInterrupted => self.claim_interrupted().await,
             Next::Search(i) => self.search(i, now).await,
             Next::Obtain(obtain) => self.obtain(obtain).await,
-            Next::WriteTarget => self.write_target(now).await,
+            Next::WriteTarget => self.write_target().await,
             Next::Revoke(i) => self.revoke(i).await,
             Next::Verify => self.verify().await,
+            Next::Restart => self.restart(now).await,
+            Next::CheckRollout => self.check_rollout(now).await,
             Next::RetireCurrent => {
                 // In memory only: the write that records its revocation (or the failure to)
                 // stores it. Should that write meet a conflict, the state read again still
@@ -615,6 +634,15 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         held.renewal_time = plan::renewal_time(self.uid(), &held, valid);
         let rotate = token.annotations().get(ROTATE_ANNOTATION).cloned();
         let grace_end = schedule::add(now, valid.revoke_grace_period);
+        // Consumers have a token of this AwxToken to move off (else the new one is, for them,
+        // the first, and restarts nothing).
+        let consumers_hold_one = self.seen.target_ownership == Ownership::Ours
+            && self
+                .seen
+                .target
+                .as_ref()
+                .and_then(|s| secrets::token_in(s, token))
+                .is_some();
         let mut written = Err(Error::Conflict(String::new()));
         // A failed write (other than a conflict) is tried again a few times: the token exists
         // and only this process knows it.
@@ -631,16 +659,29 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                     if lost_answer {
                         s.interrupted.extend(marker);
                     }
-                    if let Some(previous) = s.current.take()
-                        && !refreshed
-                    {
-                        // A rejected token is dead already; any other one may be in use.
-                        let after = if previous.rejected_at.is_some() {
-                            now
-                        } else {
-                            grace_end
-                        };
-                        s.retiring.push(previous.retire(after));
+                    if let Some(previous) = s.current.take() {
+                        if !refreshed {
+                            // A rejected token is dead already; any other one may be in use.
+                            let after = if previous.rejected_at.is_some() {
+                                now
+                            } else {
+                                grace_end
+                            };
+                            s.retiring.push(previous.retire(after));
+                        }
+                        // The workloads are restarted once the Secret has the new token; owed
+                        // from now on, so that a crash in between loses no restart.
+                        if consumers_hold_one && !token.spec.rollout_restart_targets.is_empty() {
+                            s.restart = Some(RestartOwed {
+                                since: now,
+                                retry_after: None,
+                                attempts: 0,
+                                error: None,
+                                restarted: None,
+                                warned: false,
+                            });
+                            s.rollout_timed_out = None;
+                        }
                     }
                     s.current = Some(held.clone());
                     s.failure = None;
@@ -1215,17 +1256,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
     // ------------------------------------------------------------------ Kubernetes
 
     /// Makes the target Secret hold the current token (repairing edits and deletions).
-    async fn write_target(&mut self, now: Timestamp) -> Result<(), Error> {
+    async fn write_target(&mut self) -> Result<(), Error> {
         let Some(current) = self.seen.state.current.clone() else {
             return Ok(());
         };
         let valid = self.valid()?.clone();
-        let before = self
-            .seen
-            .target
-            .as_ref()
-            .filter(|_| self.seen.target_ownership == Ownership::Ours)
-            .and_then(|s| secrets::token_in(s, self.token));
         if !self.target_holds_current() {
             // Consumers see the current token only from now on: the tokens it replaced get
             // their whole grace period from here (not from the start of this reconcile: the
@@ -1255,35 +1290,357 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         let written = self.env.cluster.apply_secret(&desired).await?;
         self.seen.target = Some(written);
         self.seen.target_ownership = Ownership::Ours;
-        if before.is_some_and(|b| b != current.token.access_token.expose()) {
-            self.restart_workloads(now).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ consumers
+
+    /// Restarts spec.rolloutRestartTargets for the token change the state records. A workload
+    /// whose pod template was stamped at or after the change (by this AwxToken before a
+    /// crash, or by another one) already has pods with the new token; one restarted less
+    /// than `minInterval` ago waits. Failures are retried with the usual backoff.
+    async fn restart(&mut self, now: Timestamp) -> Result<(), Error> {
+        let Some(owed) = self.seen.state.restart.clone() else {
+            return Ok(());
+        };
+        let targets = self.token.spec.rollout_restart_targets.clone();
+        if targets.is_empty() {
+            return self
+                .edit_state(|s| {
+                    s.restart = None;
+                    Ok(())
+                })
+                .await;
+        }
+        let min_interval = self.valid()?.restart.min_interval;
+        let ns = self.namespace();
+        let mut restarted: Vec<WorkloadRef> = Vec::new();
+        let mut wait: Option<Timestamp> = None;
+        let mut errors: Vec<String> = Vec::new();
+        let mut by_this: Vec<String> = Vec::new();
+        for target in &targets {
+            let found = match (&target.name, &target.selector) {
+                (Some(name), _) => {
+                    let id = WorkloadRef {
+                        kind: target.kind,
+                        name: name.clone(),
+                    };
+                    self.env
+                        .cluster
+                        .workload(&ns, &id)
+                        .await
+                        .map(|w| w.into_iter().collect::<Vec<_>>())
+                        .map_err(|e| format!("reading {id}: {e}"))
+                }
+                (None, Some(selector)) => match crate::spec::label_selector(selector) {
+                    Ok(selector) => self
+                        .env
+                        .cluster
+                        .list_workloads(&ns, target.kind, &selector)
+                        .await
+                        .map_err(|e| format!("listing {:?}s ({selector}): {e}", target.kind)),
+                    Err(e) => Err(e),
+                },
+                (None, None) => Ok(Vec::new()),
+            };
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    self.count_restart(target.kind, "failed");
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if found.is_empty() {
+                info!(kind = ?target.kind, name = ?target.name, "no workload to restart");
+            }
+            for workload in found {
+                match self
+                    .restart_one(&ns, workload, owed.since, min_interval, now)
+                    .await
+                {
+                    Ok(Restart::Done(id, by_us)) => {
+                        if by_us {
+                            by_this.push(id.to_string());
+                        }
+                        restarted.push(id);
+                    }
+                    Ok(Restart::Wait(at)) => wait = wait.max(Some(at)),
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        let backoff = self.env.settings.backoff_base;
+        let backoff_max = self.env.settings.backoff_max;
+        let since = owed.since;
+        let failed = !errors.is_empty();
+        let message = errors.join("; ");
+        self.edit_state(|s| {
+            let Some(o) = s.restart.as_mut().filter(|o| o.since == since) else {
+                // A newer change replaced this one: its own restart comes next.
+                return Ok(());
+            };
+            if failed {
+                o.attempts += 1;
+                o.error = Some(message.clone());
+                o.retry_after = Some(schedule::add(
+                    now,
+                    schedule::failure_backoff(o.attempts, backoff, backoff_max, 0.0),
+                ));
+            } else if let Some(at) = wait {
+                o.error = None;
+                o.retry_after = Some(at);
+            } else {
+                o.error = None;
+                o.attempts = 0;
+                o.retry_after = None;
+                o.restarted = Some(Restarted {
+                    at: now,
+                    workloads: restarted.clone(),
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        if !by_this.is_empty() {
+            self.env
+                .cluster
+                .publish(
+                    self.token,
+                    Event::normal(
+                        "WorkloadsRestarted",
+                        format!(
+                            "Restarted {} for the new token in Secret {}",
+                            by_this.join(", "),
+                            self.token.secret_name()
+                        ),
+                    ),
+                )
+                .await;
+        }
+        if failed {
+            warn!(error = %message, "could not restart every workload; retrying");
+            self.env
+                .cluster
+                .publish(
+                    self.token,
+                    Event::warning(
+                        "RestartFailed",
+                        format!("Could not restart the workloads for the new token: {message}"),
+                    ),
+                )
+                .await;
         }
         Ok(())
     }
 
-    async fn restart_workloads(&self, now: Timestamp) {
-        let ns = self.namespace();
-        let stamp = now.to_string();
-        for target in &self.token.spec.rollout_restart_targets {
-            match self.env.cluster.restart(&ns, target, &stamp).await {
-                Ok(()) => {
-                    info!(kind = ?target.kind, workload = %target.name, "restarted workload after token change")
+    /// Restarts one workload unless a restart since `since` already gave it the new token.
+    async fn restart_one(
+        &self,
+        ns: &str,
+        mut workload: Workload,
+        since: Timestamp,
+        min_interval: Duration,
+        now: Timestamp,
+    ) -> Result<Restart, String> {
+        let kind = workload.id.kind;
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            if workload.restarted_at.is_some_and(|at| at >= since) {
+                self.count_restart(kind, "already_restarted");
+                return Ok(Restart::Done(workload.id, false));
+            }
+            if let Some(last) = workload.restarted_at {
+                let allowed = schedule::add(last, min_interval);
+                if now < allowed {
+                    debug!(workload = %workload.id, %allowed, "restarted recently; waiting for minInterval");
+                    return Ok(Restart::Wait(allowed));
                 }
-                Err(e) => {
-                    warn!(kind = ?target.kind, workload = %target.name, error = %e, "could not restart workload");
+            }
+            match self.env.cluster.restart(ns, &workload, now).await {
+                Ok(done) => {
+                    self.count_restart(kind, "restarted");
+                    info!(workload = %done.id, "restarted workload for the new token");
+                    let secret = self.token.secret_name();
                     self.env
                         .cluster
-                        .publish(
-                            self.token,
-                            Event::warning(
-                                "RestartFailed",
-                                format!("Could not restart {:?} {}: {e}", target.kind, target.name),
+                        .publish_on_workload(
+                            ns,
+                            &done,
+                            Event::normal(
+                                "RestartedForNewToken",
+                                format!(
+                                    "Restarted by AwxToken {}: the token in Secret {secret} changed",
+                                    self.token.name_any()
+                                ),
                             ),
                         )
                         .await;
+                    return Ok(Restart::Done(done.id, true));
+                }
+                Err(Error::Conflict(_)) => {
+                    // Changed since it was read (perhaps restarted by another AwxToken): read
+                    // it again and decide anew.
+                    match self.env.cluster.workload(ns, &workload.id).await {
+                        Ok(Some(again)) => workload = again,
+                        Ok(None) => return Ok(Restart::Done(workload.id, false)),
+                        Err(e) => {
+                            self.count_restart(kind, "failed");
+                            return Err(format!("reading {}: {e}", workload.id));
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.count_restart(kind, "failed");
+                    return Err(format!("restarting {}: {e}", workload.id));
                 }
             }
         }
+        self.count_restart(kind, "failed");
+        Err(format!("{} keeps changing", workload.id))
+    }
+
+    fn count_restart(&self, kind: WorkloadKind, outcome: &'static str) {
+        let kind = match kind {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        };
+        self.env
+            .metrics
+            .restarts
+            .get_or_create(&RestartLabels { kind, outcome })
+            .inc();
+    }
+
+    /// Looks at the rollouts of the restarted workloads: once all have finished (or the
+    /// rollout timeout passed) the replaced tokens are due for revocation; a rollout still
+    /// going after the grace period is warned about once.
+    async fn check_rollout(&mut self, now: Timestamp) -> Result<(), Error> {
+        self.rollout_checked = true;
+        let Some(owed) = self.seen.state.restart.clone() else {
+            return Ok(());
+        };
+        let Some(restarted) = owed.restarted.clone() else {
+            return Ok(());
+        };
+        let valid = self.valid()?.clone();
+        let ns = self.namespace();
+        let mut waiting: Vec<String> = Vec::new();
+        for id in &restarted.workloads {
+            match self.env.cluster.workload(&ns, id).await {
+                Ok(Some(w)) => {
+                    if let Some(why) = w.rolling {
+                        waiting.push(format!("{id}: {why}"));
+                    }
+                }
+                // Deleted: no pods of it hold the old token.
+                Ok(None) => {}
+                Err(e) => waiting.push(format!("{id}: could not be read ({e})")),
+            }
+        }
+        let names = || {
+            restarted
+                .workloads
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let deadline = schedule::add(restarted.at, valid.restart.rollout_timeout);
+        let since = owed.since;
+        let ended = if waiting.is_empty() {
+            info!(workloads = %names(), "rollout finished");
+            self.env
+                .metrics
+                .rollouts
+                .get_or_create(&OutcomeLabels {
+                    outcome: "finished",
+                })
+                .inc();
+            self.env
+                .cluster
+                .publish(
+                    self.token,
+                    Event::normal(
+                        "RolloutFinished",
+                        format!(
+                            "{} finished the rollout with the new token; replaced tokens are \
+                             revoked now",
+                            if restarted.workloads.is_empty() {
+                                "No workload".to_string()
+                            } else {
+                                names()
+                            }
+                        ),
+                    ),
+                )
+                .await;
+            Some(None)
+        } else if now >= deadline {
+            let message = format!(
+                "The rollout did not finish within rolloutRestart.rolloutTimeout ({}): {}; the \
+                 replaced token was revoked anyway",
+                self.token.spec.rollout_restart.rollout_timeout,
+                waiting.join("; ")
+            );
+            warn!(%message, "rollout timed out");
+            self.env
+                .metrics
+                .rollouts
+                .get_or_create(&OutcomeLabels {
+                    outcome: "timed_out",
+                })
+                .inc();
+            self.env
+                .cluster
+                .publish(
+                    self.token,
+                    Event::warning("RolloutTimedOut", message.clone()),
+                )
+                .await;
+            Some(Some(message))
+        } else {
+            None
+        };
+        if let Some(timed_out) = ended {
+            return self
+                .edit_state(|s| {
+                    if s.restart.as_ref().is_some_and(|o| o.since == since) {
+                        s.restart = None;
+                        s.rollout_timed_out = timed_out.clone();
+                        for r in &mut s.retiring {
+                            if r.failed_attempts == 0 {
+                                r.revoke_after = r.revoke_after.min(now);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        let late = schedule::add(restarted.at, valid.revoke_grace_period);
+        if !owed.warned && now >= late && !self.seen.state.retiring.is_empty() {
+            let message = format!(
+                "The rollout is still going after revokeGracePeriod ({}): {}; the replaced \
+                 token stays valid until it finishes or until {}",
+                self.token.spec.renewal.revoke_grace_period,
+                waiting.join("; "),
+                deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+            );
+            warn!(%message, "rollout late");
+            self.env
+                .cluster
+                .publish(self.token, Event::warning("RolloutNotFinished", message))
+                .await;
+            self.edit_state(|s| {
+                if let Some(o) = s.restart.as_mut().filter(|o| o.since == since) {
+                    o.warned = true;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Reports the status and says when to look again.
@@ -1401,6 +1758,14 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         };
         Error::Revoke { message, retry_in }
     }
+}
+
+/// What became of one restart target.
+enum Restart {
+    /// Its pods get the new token (restarted now, `true`, or since the change).
+    Done(WorkloadRef, bool),
+    /// Restarted too recently (rolloutRestart.minInterval): not before then.
+    Wait(Timestamp),
 }
 
 /// What a successful attempt brought.

@@ -14,6 +14,7 @@ pub mod execute;
 pub mod observe;
 pub mod plan;
 pub mod status;
+pub mod workloads;
 
 #[cfg(test)]
 mod reconcile_tests;

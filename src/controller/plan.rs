@@ -37,6 +37,8 @@ pub struct Facts<'a> {
     pub backoff: Backoff,
     /// This operator process, as request markers name it.
     pub holder: &'a str,
+    /// The restarted workloads' rollouts were looked at in this reconcile.
+    pub rollout_checked: bool,
 }
 
 /// What the credentials allow.
@@ -148,6 +150,10 @@ pub enum Next {
     Revoke(usize),
     /// Check the current token with AWX.
     Verify,
+    /// Restart spec.rolloutRestartTargets for the token change `state.restart` records.
+    Restart,
+    /// See whether the restarted workloads have finished their rollouts.
+    CheckRollout,
     /// On delete: the current token becomes a retiring one, due now.
     RetireCurrent,
     Done(Wake),
@@ -193,6 +199,9 @@ pub fn next(f: &Facts<'_>) -> Next {
     }
     if let Some(i) = search_due(f) {
         return Next::Search(i);
+    }
+    if let Some(step) = restart_step(f) {
+        return step;
     }
     if let Some(i) = revocation_due(f) {
         return Next::Revoke(i);
@@ -418,8 +427,48 @@ fn search_due(f: &Facts<'_>) -> Option<usize> {
     })
 }
 
+/// How often the rollouts of restarted workloads are looked at.
+pub const ROLLOUT_POLL: Duration = Duration::from_secs(5);
+
+/// The restart step due now, if any: the Secret holds the new token first.
+fn restart_step(f: &Facts<'_>) -> Option<Next> {
+    let owed = f.state.restart.as_ref()?;
+    if f.target != (Target::Writable { up_to_date: true }) {
+        return None;
+    }
+    match &owed.restarted {
+        None => restart_due(f)
+            .is_some_and(|at| at <= f.now)
+            .then_some(Next::Restart),
+        Some(_) => (!f.rollout_checked).then_some(Next::CheckRollout),
+    }
+}
+
+/// When the owed restart may be made: `rolloutRestart.delay` after the change (so changes of
+/// several AwxTokens feeding one workload share a restart), and not before a failed attempt's
+/// backoff or a workload's minimum interval ends.
+pub fn restart_due(f: &Facts<'_>) -> Option<Timestamp> {
+    let owed = f.state.restart.as_ref().filter(|o| o.restarted.is_none())?;
+    if f.spec.rollout_restart_targets.is_empty() {
+        // The targets were removed: nothing is owed any more (the step forgets it).
+        return Some(f.now);
+    }
+    let valid = f.valid.ok()?;
+    let at = schedule::add(owed.since, valid.restart.delay);
+    Some(owed.retry_after.map_or(at, |r| r.max(at)))
+}
+
+/// Replaced tokens wait for the restarted workloads' rollouts (not for a grace period) while a
+/// restart is owed; the step that ends the wait makes them due.
+fn held_for_rollout(f: &Facts<'_>) -> bool {
+    f.state.restart.is_some() && !f.spec.rollout_restart_targets.is_empty()
+}
+
 /// The first retiring token whose time has come and whose AWX may be reached.
 fn revocation_due(f: &Facts<'_>) -> Option<usize> {
+    if held_for_rollout(f) {
+        return None;
+    }
     f.state
         .retiring
         .iter()
@@ -461,7 +510,17 @@ fn wake(f: &Facts<'_>) -> Wake {
     let mut times: Vec<Timestamp> = Vec::new();
     let state = f.state;
     times.extend(marker_patience_end(f));
-    times.extend(state.retiring.iter().map(|r| r.revoke_after));
+    if !held_for_rollout(f) {
+        times.extend(state.retiring.iter().map(|r| r.revoke_after));
+    }
+    if let Some(owed) = &state.restart
+        && f.target == (Target::Writable { up_to_date: true })
+    {
+        match &owed.restarted {
+            None => times.extend(restart_due(f)),
+            Some(_) => times.push(schedule::add(f.now, ROLLOUT_POLL)),
+        }
+    }
     times.extend(state.interrupted.iter().filter_map(|i| i.search_after));
     if let Some(valid) = usable_spec(f)
         && let Ok(inputs) = f.inputs

@@ -42,6 +42,7 @@ use super::{
     cluster::{Cluster, Event},
     execute::{self, Env},
     status,
+    workloads::Workload,
 };
 use crate::{
     Error,
@@ -50,10 +51,10 @@ use crate::{
         RequestLimits, RevocationCredentials, Scope, TokenGrant, TokenKind, TokenQuery,
         TokenToRevoke,
     },
-    crd::{AwxToken, AwxTokenStatus, FlavorSpec, ROTATE_ANNOTATION, RolloutRestartTarget},
+    crd::{AwxToken, AwxTokenStatus, FlavorSpec, ROTATE_ANNOTATION, WorkloadKind},
     metrics::Metrics,
     secrets,
-    state::{STATE_KEY, TokenState},
+    state::{STATE_KEY, TokenState, WorkloadRef},
 };
 
 const NAMESPACE: &str = "sim";
@@ -123,7 +124,36 @@ struct World {
     trace: Option<Vec<String>>,
     /// The users see the application (AWX then creates its tokens through the REST API).
     app_visible: bool,
+    /// The Deployment the object "restarted" names in rolloutRestartTargets.
+    consumer: SimWorkload,
+    /// Every token the target Secret of "restarted" held, in order.
+    restarted_tokens: Vec<String>,
 }
+
+/// A Deployment whose rollouts finish at once.
+#[derive(Default)]
+struct SimWorkload {
+    version: u64,
+    restarted_at: Option<Timestamp>,
+    restarts: u32,
+}
+
+impl SimWorkload {
+    fn observed(&self) -> Workload {
+        Workload {
+            id: WorkloadRef {
+                kind: WorkloadKind::Deployment,
+                name: CONSUMER.into(),
+            },
+            uid: Some("consumer-uid".into()),
+            resource_version: Some(self.version.to_string()),
+            restarted_at: self.restarted_at,
+            rolling: None,
+        }
+    }
+}
+
+const CONSUMER: &str = "consumer";
 
 impl World {
     fn version(&mut self) -> String {
@@ -288,6 +318,14 @@ impl Cluster for Sim {
             .and_then(|e| e.metadata.uid)
             .or_else(|| Some(format!("secret-uid-{}", world.next_version + 1)));
         stored.metadata.resource_version = Some(world.version());
+        if secret.name_any() == "restarted"
+            && let Some(token) = secret.data.as_ref().and_then(|d| d.get("token"))
+        {
+            let token = String::from_utf8_lossy(&token.0).into_owned();
+            if world.restarted_tokens.last() != Some(&token) {
+                world.restarted_tokens.push(token);
+            }
+        }
         world.secrets.insert(k, stored.clone());
         Ok(stored)
     }
@@ -308,8 +346,44 @@ impl Cluster for Sim {
         }
     }
 
-    async fn restart(&self, _: &str, _: &RolloutRestartTarget, _: &str) -> Result<(), Error> {
-        self.kube_op().await
+    async fn list_workloads(
+        &self,
+        _: &str,
+        _: WorkloadKind,
+        _: &str,
+    ) -> Result<Vec<Workload>, Error> {
+        self.kube_op().await?;
+        Ok(vec![lock(&self.world).consumer.observed()])
+    }
+
+    async fn workload(&self, _: &str, id: &WorkloadRef) -> Result<Option<Workload>, Error> {
+        self.kube_op().await?;
+        let world = lock(&self.world);
+        Ok((id.name == CONSUMER).then(|| world.consumer.observed()))
+    }
+
+    async fn restart(
+        &self,
+        _: &str,
+        workload: &Workload,
+        at: Timestamp,
+    ) -> Result<Workload, Error> {
+        self.kube_op().await?;
+        let mut world = lock(&self.world);
+        if workload.resource_version != Some(world.consumer.version.to_string()) {
+            return Err(Error::Conflict("stale resourceVersion".into()));
+        }
+        world.trace(|| format!("  k8s restart {CONSUMER} at {at}"));
+        world.consumer.version += 1;
+        world.consumer.restarted_at = Some(at);
+        world.consumer.restarts += 1;
+        Ok(world.consumer.observed())
+    }
+
+    async fn publish_on_workload(&self, _: &str, _: &Workload, event: Event) {
+        if self.kube_op().await.is_ok() {
+            lock(&self.world).events.push((CONSUMER.into(), event));
+        }
     }
 }
 
@@ -809,6 +883,11 @@ fn object(name: &str, grant: &str, refresh: bool, uid: u32) -> Object {
     if name == "verified" {
         renewal["verifyEvery"] = "10m".into();
     }
+    let restart_targets = if name == "restarted" {
+        serde_json::json!([{"kind": "Deployment", "name": CONSUMER}])
+    } else {
+        serde_json::json!([])
+    };
     let mut token: AwxToken = serde_json::from_value(serde_json::json!({
         "apiVersion": "awx-token-operator.io/v1alpha1",
         "kind": "AwxToken",
@@ -817,6 +896,8 @@ fn object(name: &str, grant: &str, refresh: bool, uid: u32) -> Object {
             "awx": {"url": "https://awx.sim", "flavor": "Controller"},
             "grant": {"type": grant, "credentialsSecretRef": {"name": format!("{name}-creds")}},
             "renewal": renewal,
+            "rolloutRestartTargets": restart_targets,
+            "rolloutRestart": {"delay": "5s", "minInterval": "30s", "rolloutTimeout": "10m"},
         },
     }))
     .expect("a valid AwxToken");
@@ -877,6 +958,7 @@ impl Run {
             object("refresh", "Password", true, 2),
             object("personal", "PersonalAccessToken", false, 3),
             object("verified", "Password", false, 4),
+            object("restarted", "Password", false, 5),
         ];
         let mut world = World {
             rng,
@@ -894,6 +976,8 @@ impl Run {
             skips: Vec::new(),
             trace: std::env::var("AWXTO_SIM_SEED").is_ok().then(Vec::new),
             app_visible,
+            consumer: SimWorkload::default(),
+            restarted_tokens: Vec::new(),
         };
         for o in &objects {
             let password = format!("pw-{}-0", o.user);
@@ -1427,6 +1511,37 @@ impl Run {
                 .filter(|r| r.failed_attempts == 0 && r.revoke_after > now)
                 .map(|r| r.token.access_token.expose())
                 .collect();
+            if o.token.name_any() == "restarted" && !o.deleted {
+                // Every change of the token in the Secret restarted the consumer after it
+                // (none lost to a crash), at most once per change, never on the first issue.
+                let changes = world.restarted_tokens.len().saturating_sub(1) as u32;
+                let consumer = &world.consumer;
+                let issued = state.current.as_ref().map(|c| c.issued_at);
+                // A change in the last seconds may still wait for its delay (5s).
+                let waiting = state.restart.as_ref().is_some_and(|r| {
+                    r.restarted.is_none()
+                        && crate::schedule::add(r.since, Duration::from_secs(5)) > now
+                });
+                if state.restart.is_some() && !waiting {
+                    return Err(format!(
+                        "restarted: a restart is still owed after settling: {:?}",
+                        state.restart
+                    ));
+                }
+                if changes > 0 && !waiting && consumer.restarted_at < issued {
+                    return Err(format!(
+                        "restarted: the Secret's token changed {changes} times but the consumer \
+                         was last restarted at {:?}, before the current token ({issued:?})",
+                        consumer.restarted_at
+                    ));
+                }
+                if consumer.restarts > changes {
+                    return Err(format!(
+                        "restarted: {} restarts for {changes} token changes",
+                        consumer.restarts
+                    ));
+                }
+            }
             if state.retiring.len() > in_grace.len()
                 || state.issuing.is_some()
                 || !state.interrupted.is_empty()

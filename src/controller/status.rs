@@ -18,6 +18,9 @@ pub const RENEWAL_FAILED: &str = "RenewalFailed";
 pub const INSECURE_TLS: &str = "InsecureTls";
 /// True while token requests whose answer was lost are still to be looked for in AWX.
 pub const CLEANUP_PENDING: &str = "CleanupPending";
+/// With rolloutRestartTargets: True once the workloads run with the current token (or no
+/// restart was ever owed); False while a restart or its rollout is pending, or timed out.
+pub const CONSUMERS_RESTARTED: &str = "ConsumersRestarted";
 
 /// Why things are not as they should be, most fundamental first.
 struct Problem {
@@ -204,11 +207,98 @@ pub fn render(
     } else {
         status.conditions.retain(|c| c.type_ != INSECURE_TLS);
     }
+    match consumers(f) {
+        Some((ok, reason, message)) => set_condition(
+            &mut status.conditions,
+            CONSUMERS_RESTARTED,
+            ok,
+            reason,
+            &message,
+            now,
+        ),
+        None => status.conditions.retain(|c| c.type_ != CONSUMERS_RESTARTED),
+    }
     // Conditions of earlier versions (Issuing) are dropped.
     status.conditions.retain(|c| {
-        [READY, RENEWAL_FAILED, INSECURE_TLS, CLEANUP_PENDING].contains(&c.type_.as_str())
+        [
+            READY,
+            RENEWAL_FAILED,
+            INSECURE_TLS,
+            CLEANUP_PENDING,
+            CONSUMERS_RESTARTED,
+        ]
+        .contains(&c.type_.as_str())
     });
     status
+}
+
+/// The ConsumersRestarted condition, when there are restart targets (or a restart is owed).
+fn consumers(f: &Facts<'_>) -> Option<(bool, &'static str, String)> {
+    let state = f.state;
+    if f.spec.rollout_restart_targets.is_empty() {
+        return None;
+    }
+    let Some(owed) = &state.restart else {
+        return Some(match &state.rollout_timed_out {
+            Some(message) => (false, "RolloutTimedOut", message.clone()),
+            None => (
+                true,
+                "UpToDate",
+                "No restart is owed: the workloads were restarted for the current token, or it \
+                 is the first"
+                    .to_string(),
+            ),
+        });
+    };
+    let valid = f.valid.ok();
+    Some(match &owed.restarted {
+        None => {
+            let due = plan::restart_due(f)
+                .map(|at| format!(" at {}", fmt_time(at)))
+                .unwrap_or_default();
+            match &owed.error {
+                Some(error) => (
+                    false,
+                    "RestartFailed",
+                    format!(
+                        "restarting the workloads for the new token failed ({} attempts): \
+                         {error}; retrying{due}",
+                        owed.attempts
+                    ),
+                ),
+                None => (
+                    false,
+                    "RestartPending",
+                    format!("the workloads are restarted for the new token{due}"),
+                ),
+            }
+        }
+        Some(restarted) => {
+            let names: Vec<String> = restarted.workloads.iter().map(|w| w.to_string()).collect();
+            let until = valid
+                .map(|v| {
+                    format!(
+                        " or until {}",
+                        fmt_time(schedule::add(restarted.at, v.restart.rollout_timeout))
+                    )
+                })
+                .unwrap_or_default();
+            (
+                false,
+                "WaitingForRollout",
+                format!(
+                    "restarted {} at {} for the new token; the replaced token stays valid until \
+                     the rollout finishes{until}",
+                    if names.is_empty() {
+                        "no workload".to_string()
+                    } else {
+                        names.join(", ")
+                    },
+                    fmt_time(restarted.at)
+                ),
+            )
+        }
+    })
 }
 
 /// Whether `current` is one AWX still takes: not rejected, not past its expiry.

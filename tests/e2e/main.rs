@@ -12,6 +12,7 @@ mod image;
 mod ops;
 mod reconciler;
 mod reliability;
+mod restarts;
 mod scenarios;
 
 use std::{
@@ -64,6 +65,12 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(reconciler::refresh_recovers_from_a_deleted_access_token),
         scenario!(
             reconciler::serial_shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue
+        ),
+        scenario!(restarts::restarts_each_kind_once_and_the_old_token_waits_for_the_rollout),
+        scenario!(restarts::restarts_two_tokens_feeding_one_workload_share_one_restart),
+        scenario!(restarts::restarts_owed_survive_a_forbidden_patch_and_a_crash),
+        scenario!(
+            restarts::restarts_a_rollout_that_never_finishes_keeps_the_old_token_until_the_timeout
         ),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),

@@ -104,9 +104,10 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
   verbs: ["create", "patch"]
 {{- if .Values.rbac.rolloutRestartTargets }}
 # rolloutRestartTargets: a merge patch of one pod-template annotation restarts the workloads
-# an AwxToken names when its token changes (no read needed).
+# an AwxToken names (or selects by label) when its token changes; reading them tells when
+# another AwxToken restarted them already and when their rollout finished.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets", "daemonsets"]
-  verbs: ["patch"]
+  verbs: ["get", "list", "patch"]
 {{- end }}
 {{- end }}

@@ -119,6 +119,7 @@ struct World {
     predecessor: bool,
     target: Target,
     inputs: Result<(String, Option<String>, bool), (String, String)>,
+    rollout_checked: bool,
 }
 
 impl World {
@@ -133,6 +134,7 @@ impl World {
             predecessor: false,
             target: Target::Writable { up_to_date: false },
             inputs: Ok(("fp".into(), Some("app".into()), true)),
+            rollout_checked: false,
         }
     }
 
@@ -167,6 +169,7 @@ impl World {
                 }),
                 Err((reason, message)) => Err(Blocker { reason, message }),
             },
+            rollout_checked: self.rollout_checked,
             backoff: Backoff {
                 base: Duration::from_secs(5),
                 max: Duration::from_secs(300),
@@ -563,4 +566,85 @@ proptest! {
         let _ = next(&w.facts());
         let _ = next_on_delete(&w.facts());
     }
+}
+
+#[test]
+fn an_owed_restart_waits_for_the_secret_and_its_delay_and_holds_revocation_until_the_rollout() {
+    use crate::state::{RestartOwed, Restarted, WorkloadRef};
+    let mut w = World::healthy();
+    w.respec(serde_json::json!({
+        "rolloutRestartTargets": [{"kind": "Deployment", "name": "web"}],
+        "rolloutRestart": {"delay": "10s"},
+        "renewal": {"revokeGracePeriod": "1m"},
+    }));
+    w.state.retiring.push(retiring("OLD", t(60)));
+    w.state.restart = Some(RestartOwed {
+        since: t(0),
+        retry_after: None,
+        attempts: 0,
+        error: None,
+        restarted: None,
+        warned: false,
+    });
+    w.target = Target::Writable { up_to_date: false };
+    assert_eq!(
+        w.next(),
+        Next::WriteTarget,
+        "the Secret gets the new token first"
+    );
+    w.target = Target::Writable { up_to_date: true };
+    assert_eq!(
+        w.next(),
+        Next::Done(Wake::At(t(10))),
+        "the delay holds the restart; the grace period does not wake anything"
+    );
+    w.now = t(10);
+    assert_eq!(w.next(), Next::Restart);
+    // A failed attempt (or a workload's minimum interval) holds it back.
+    w.state.restart.as_mut().unwrap().retry_after = Some(t(30));
+    assert_eq!(w.next(), Next::Done(Wake::At(t(30))));
+    w.now = t(30);
+    assert_eq!(w.next(), Next::Restart);
+    w.state.restart.as_mut().unwrap().restarted = Some(Restarted {
+        at: t(30),
+        workloads: vec![WorkloadRef {
+            kind: crate::crd::WorkloadKind::Deployment,
+            name: "web".into(),
+        }],
+    });
+    assert_eq!(w.next(), Next::CheckRollout);
+    w.rollout_checked = true;
+    w.now = t(100);
+    assert_eq!(
+        w.next(),
+        Next::Done(Wake::At(t(105))),
+        "past the grace period the replaced token still waits for the rollout"
+    );
+    // The rollout finished: the step that saw it cleared the restart.
+    w.state.restart = None;
+    assert_eq!(w.next(), Next::Revoke(0));
+}
+
+#[test]
+fn without_restart_targets_an_owed_restart_is_forgotten_and_the_grace_period_rules() {
+    use crate::state::RestartOwed;
+    let mut w = World::healthy();
+    w.state.retiring.push(retiring("OLD", t(60)));
+    w.state.restart = Some(RestartOwed {
+        since: t(0),
+        retry_after: Some(t(500)),
+        attempts: 3,
+        error: Some("forbidden".into()),
+        restarted: None,
+        warned: false,
+    });
+    assert_eq!(
+        w.next(),
+        Next::Restart,
+        "the targets were removed: the step forgets it"
+    );
+    w.state.restart = None;
+    assert_eq!(w.next(), Next::Done(Wake::At(t(60))));
+    w.now = t(60);
+    assert_eq!(w.next(), Next::Revoke(0));
 }
