@@ -28,7 +28,10 @@ pub const SKIP_REVOKE_ANNOTATION: &str = "awx-token-operator.io/skip-revoke";
     printcolumn = r#"{"name":"Secret","type":"string","jsonPath":".status.secretName"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Renews","type":"string","jsonPath":".status.renewalTime"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Flavor","type":"string","priority":1,"jsonPath":".status.flavor"}"#,
+    printcolumn = r#"{"name":"User","type":"string","priority":1,"jsonPath":".status.user"}"#,
+    printcolumn = r#"{"name":"Last failure","type":"string","priority":1,"jsonPath":".status.lastFailureMessage"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AwxTokenSpec {
@@ -199,10 +202,30 @@ pub struct TargetSecret {
     /// awx-resource-operator reads.
     #[serde(default)]
     pub keys: SecretKeys,
-    /// More keys, each holding the token or the host, e.g. CONTROLLER_OAUTH_TOKEN: token,
-    /// CONTROLLER_HOST: host (the names the awx CLI and the awx.awx collection read).
+    /// More keys, each holding the token or the host, e.g. TOWER_OAUTH_TOKEN: token,
+    /// TOWER_HOST: host. For the names common tools read, presets is shorter.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra_keys: BTreeMap<String, SecretValue>,
+    /// Sets of keys that tools read, added to the keys above.
+    /// AwxResourceOperator: host, token (awx-resource-operator; the default keys already are
+    /// these, the preset keeps them when keys are renamed).
+    /// AwxCli: CONTROLLER_HOST, CONTROLLER_OAUTH_TOKEN, CONTROLLER_VERIFY_SSL, AAP_TOKEN (the
+    /// awx CLI of awxkit and the awx.awx collection, as environment variables with envFrom).
+    /// AnsiblePlatform: AAP_HOSTNAME, AAP_TOKEN, AAP_VALIDATE_CERTS, GATEWAY_HOSTNAME,
+    /// GATEWAY_API_TOKEN, GATEWAY_VERIFY_SSL (the ansible.platform collection, AAP 2.5+).
+    /// The VERIFY_SSL and VALIDATE_CERTS keys hold "true", or "false" when
+    /// awx.insecureSkipTlsVerify is true. A key written by two of keys, extraKeys, presets and
+    /// templates must have the same content in both, or the spec is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub presets: Vec<SecretPreset>,
+    /// Keys holding text made from a template, e.g. a whole env file or config file in one key.
+    /// Placeholders: {token}; {host} (the AWX URL, without a trailing slash); {expiresAt} (RFC
+    /// 3339, e.g. 2026-03-31T10:00:00Z, empty when AWX gives no expiry); {scope} (read or
+    /// write); {username} (the AWX user, empty where unknown). {{ and }} stand for literal
+    /// braces. Any other placeholder is refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub templates: BTreeMap<String, String>,
     /// Delete: the Secret is owned by the AwxToken and garbage-collected with it.
     /// Retain: the Secret stays when the AwxToken is deleted.
     #[serde(default)]
@@ -217,6 +240,8 @@ impl Default for TargetSecret {
             annotations: BTreeMap::new(),
             keys: SecretKeys::default(),
             extra_keys: BTreeMap::new(),
+            presets: Vec::new(),
+            templates: BTreeMap::new(),
             deletion_policy: DeletionPolicy::Delete,
         }
     }
@@ -251,6 +276,22 @@ pub enum SecretValue {
     Token,
     /// The AWX URL.
     Host,
+}
+
+/// A set of keys that a tool reads (each is described at spec.secret.presets).
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SecretPreset {
+    /// awx-resource-operator (an AnsibleJob's tower_auth_secret): host and token. The default
+    /// keys already are these; the preset says so, and keeps them when keys are renamed.
+    AwxResourceOperator,
+    /// The awx CLI (awxkit) and the awx.awx collection, from environment variables:
+    /// CONTROLLER_HOST, CONTROLLER_OAUTH_TOKEN, CONTROLLER_VERIFY_SSL, and AAP_TOKEN (which
+    /// newer awx.awx releases read).
+    AwxCli,
+    /// The ansible.platform collection for AAP 2.5 and later, from environment variables:
+    /// AAP_HOSTNAME, AAP_TOKEN, AAP_VALIDATE_CERTS, and the older names GATEWAY_HOSTNAME,
+    /// GATEWAY_API_TOKEN, GATEWAY_VERIFY_SSL.
+    AnsiblePlatform,
 }
 
 /// What happens to the Secret when the AwxToken is deleted.

@@ -10,8 +10,9 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    crd::{AwxToken, DeletionPolicy, SecretValue},
-    state::{STATE_KEY, TokenState},
+    crd::{AwxToken, DeletionPolicy, SecretPreset, SecretValue, TargetSecret},
+    spec::quoted,
+    state::{HeldToken, STATE_KEY, TokenState},
 };
 
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -73,20 +74,376 @@ pub fn ownership(existing: Option<&Secret>, token: &AwxToken) -> Ownership {
     }
 }
 
-/// The target Secret holding `token_value` under the keys the spec asks for.
-pub fn render_target(token: &AwxToken, token_value: &str) -> Secret {
-    let spec = &token.spec.secret;
-    let host = token.spec.awx.url.trim().trim_end_matches('/').to_string();
-    let value_of = |v: SecretValue| match v {
-        SecretValue::Token => token_value.to_string(),
-        SecretValue::Host => host.clone(),
-    };
-    let mut data = BTreeMap::new();
-    data.insert(spec.keys.token.clone(), bytes(token_value));
-    data.insert(spec.keys.host.clone(), bytes(&host));
-    for (key, value) in &spec.extra_keys {
-        data.insert(key.clone(), bytes(&value_of(*value)));
+/// A value about the current token that a key of the target Secret can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenField {
+    Token,
+    /// The AWX URL of the spec, without a trailing slash.
+    Host,
+    /// RFC 3339 to the second, as status.expiresAt; empty when AWX gave no expiry.
+    ExpiresAt,
+    Scope,
+    /// Empty where the user is not known.
+    Username,
+}
+
+impl TokenField {
+    /// The placeholder names of templates, in the order the documentation lists them.
+    const PLACEHOLDERS: [(&'static str, TokenField); 5] = [
+        ("token", TokenField::Token),
+        ("host", TokenField::Host),
+        ("expiresAt", TokenField::ExpiresAt),
+        ("scope", TokenField::Scope),
+        ("username", TokenField::Username),
+    ];
+}
+
+/// One piece of a key's value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Field(TokenField),
+}
+
+/// What one key of the target Secret holds: text and token values, in order. Two contents
+/// are equal exactly when they render the same for every token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyContent(Vec<Part>);
+
+impl KeyContent {
+    fn field(field: TokenField) -> Self {
+        Self(vec![Part::Field(field)])
     }
+
+    fn text(text: &str) -> Self {
+        Self(vec![Part::Text(text.to_string())])
+    }
+
+    /// Adds text, merged into the text before it, so that equal renderings compare equal.
+    fn push_text(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        match self.0.last_mut() {
+            Some(Part::Text(last)) => last.push_str(text),
+            _ => self.0.push(Part::Text(text.to_string())),
+        }
+    }
+
+    /// For messages: what the key holds, without any value.
+    fn describe(&self) -> String {
+        match &self.0[..] {
+            [Part::Field(TokenField::Token)] => "the token".into(),
+            [Part::Field(TokenField::Host)] => "the AWX URL".into(),
+            [Part::Text(text)] if text.len() <= 8 => format!("the text {}", quoted(text)),
+            _ => "a template".into(),
+        }
+    }
+
+    fn render(&self, facts: &TokenFacts, host: &str) -> String {
+        let mut out = String::new();
+        for part in &self.0 {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Field(TokenField::Token) => out.push_str(facts.token),
+                Part::Field(TokenField::Host) => out.push_str(host),
+                Part::Field(TokenField::ExpiresAt) => {
+                    if let Some(at) = facts.expires_at {
+                        out.push_str(&rfc3339_seconds(at));
+                    }
+                }
+                Part::Field(TokenField::Scope) => out.push_str(facts.scope),
+                Part::Field(TokenField::Username) => out.push_str(facts.username.unwrap_or("")),
+            }
+        }
+        out
+    }
+}
+
+/// Where a key of the target Secret is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    TokenKey,
+    HostKey,
+    ExtraKeys,
+    Preset(SecretPreset),
+    Templates,
+}
+
+impl KeySource {
+    /// The spec field, for the error naming it.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::TokenKey => "secret.keys.token",
+            Self::HostKey => "secret.keys.host",
+            Self::ExtraKeys => "secret.extraKeys",
+            Self::Preset(_) => "secret.presets",
+            Self::Templates => "secret.templates",
+        }
+    }
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Preset(preset) => write!(f, "preset {preset:?}"),
+            other => f.write_str(other.field()),
+        }
+    }
+}
+
+/// Why the keys a spec asks for cannot make one Secret. Messages quote keys and placeholders
+/// (shortened), never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "key {} is written twice with different content: {first_content} by {first} and \
+         {second_content} by {second}", quoted(.key)
+    )]
+    Conflict {
+        key: String,
+        first: KeySource,
+        first_content: String,
+        second: KeySource,
+        second_content: String,
+    },
+    #[error(
+        "template of key {}: unknown placeholder {}; the placeholders are {{token}}, {{host}}, \
+         {{expiresAt}}, {{scope}} and {{username}} ({{{{ and }}}} for literal braces)",
+        quoted(.key), braced(.placeholder)
+    )]
+    UnknownPlaceholder { key: String, placeholder: String },
+    #[error(
+        "template of key {}: the {{ at character {at} has no closing }} (write {{{{ for a \
+         literal brace)", quoted(.key)
+    )]
+    Unclosed { key: String, at: usize },
+    #[error(
+        "template of key {}: the }} at character {at} has no opening {{ (write }}}} for a \
+         literal brace)", quoted(.key)
+    )]
+    UnmatchedClose { key: String, at: usize },
+}
+
+/// `{name}`, quoted for a message.
+fn braced(name: &str) -> String {
+    quoted(&format!("{{{name}}}"))
+}
+
+impl LayoutError {
+    /// The spec field the error is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Conflict { second, .. } => second.field(),
+            _ => KeySource::Templates.field(),
+        }
+    }
+}
+
+/// The keys of the target Secret and what each holds, as the spec asks: checked once, when
+/// the spec is validated, and rendered for every token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretLayout {
+    keys: BTreeMap<String, (KeyContent, KeySource)>,
+}
+
+impl SecretLayout {
+    /// Lays out keys, extraKeys, presets and templates, in that order. A key asked for twice
+    /// must have the same content both times; `insecure_skip_tls_verify` is what the presets'
+    /// "verify" keys say.
+    pub fn of(spec: &TargetSecret, insecure_skip_tls_verify: bool) -> Result<Self, LayoutError> {
+        let mut layout = Self::default();
+        layout.add(
+            &spec.keys.token,
+            KeyContent::field(TokenField::Token),
+            KeySource::TokenKey,
+        )?;
+        layout.add(
+            &spec.keys.host,
+            KeyContent::field(TokenField::Host),
+            KeySource::HostKey,
+        )?;
+        for (key, value) in &spec.extra_keys {
+            let field = match value {
+                SecretValue::Token => TokenField::Token,
+                SecretValue::Host => TokenField::Host,
+            };
+            layout.add(key, KeyContent::field(field), KeySource::ExtraKeys)?;
+        }
+        let verify = if insecure_skip_tls_verify {
+            "false"
+        } else {
+            "true"
+        };
+        for preset in &spec.presets {
+            for (key, content) in preset_keys(*preset) {
+                let content = match content {
+                    PresetValue::Field(field) => KeyContent::field(*field),
+                    PresetValue::Verify => KeyContent::text(verify),
+                };
+                layout.add(key, content, KeySource::Preset(*preset))?;
+            }
+        }
+        for (key, template) in &spec.templates {
+            layout.add(key, parse_template(key, template)?, KeySource::Templates)?;
+        }
+        Ok(layout)
+    }
+
+    fn add(
+        &mut self,
+        key: &str,
+        content: KeyContent,
+        source: KeySource,
+    ) -> Result<(), LayoutError> {
+        match self.keys.get(key) {
+            Some((held, _)) if *held == content => Ok(()),
+            Some((held, first)) => Err(LayoutError::Conflict {
+                key: key.to_string(),
+                first: *first,
+                first_content: held.describe(),
+                second: source,
+                second_content: content.describe(),
+            }),
+            None => {
+                self.keys.insert(key.to_string(), (content, source));
+                Ok(())
+            }
+        }
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// How many placeholders the templates hold in all.
+    pub fn template_fields(&self) -> usize {
+        self.keys
+            .values()
+            .filter(|(_, source)| *source == KeySource::Templates)
+            .map(|(content, _)| {
+                content
+                    .0
+                    .iter()
+                    .filter(|p| matches!(p, Part::Field(_)))
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// What a preset key holds.
+#[derive(Clone, Copy)]
+enum PresetValue {
+    Field(TokenField),
+    /// "true", or "false" when TLS verification is off.
+    Verify,
+}
+
+/// The keys of a preset, as the tool's own source reads them (README.md names the files).
+fn preset_keys(preset: SecretPreset) -> &'static [(&'static str, PresetValue)] {
+    use PresetValue::{Field, Verify};
+    use TokenField::{Host, Token};
+    match preset {
+        SecretPreset::AwxResourceOperator => &[("host", Field(Host)), ("token", Field(Token))],
+        // awxkit 24.6.1, awxkit/cli/format.py (CONTROLLER_* first, then TOWER_*); the awx.awx
+        // collection reads the same names, and AAP_TOKEN after them in newer releases.
+        SecretPreset::AwxCli => &[
+            ("CONTROLLER_HOST", Field(Host)),
+            ("CONTROLLER_OAUTH_TOKEN", Field(Token)),
+            ("CONTROLLER_VERIFY_SSL", Verify),
+            ("AAP_TOKEN", Field(Token)),
+        ],
+        // ansible.platform, plugins/module_utils/aap_module.py: GATEWAY_* first, then AAP_*.
+        SecretPreset::AnsiblePlatform => &[
+            ("AAP_HOSTNAME", Field(Host)),
+            ("AAP_TOKEN", Field(Token)),
+            ("AAP_VALIDATE_CERTS", Verify),
+            ("GATEWAY_HOSTNAME", Field(Host)),
+            ("GATEWAY_API_TOKEN", Field(Token)),
+            ("GATEWAY_VERIFY_SSL", Verify),
+        ],
+    }
+}
+
+/// Parses a template: `{name}` is a placeholder, `{{` and `}}` are literal braces.
+fn parse_template(key: &str, template: &str) -> Result<KeyContent, LayoutError> {
+    let mut content = KeyContent(Vec::new());
+    let mut rest = template;
+    // Characters consumed so far, for messages (a person counts characters, not bytes).
+    let mut at = 0;
+    while let Some(i) = rest.find(['{', '}']) {
+        content.push_text(&rest[..i]);
+        at += rest[..i].chars().count();
+        let after = &rest[i + 1..];
+        if rest[i..].starts_with("{{") || rest[i..].starts_with("}}") {
+            content.push_text(&rest[i..=i]);
+            rest = &after[1..];
+            at += 2;
+        } else if rest[i..].starts_with('}') {
+            return Err(LayoutError::UnmatchedClose {
+                key: key.to_string(),
+                at: at + 1,
+            });
+        } else {
+            let Some(end) = after.find('}') else {
+                return Err(LayoutError::Unclosed {
+                    key: key.to_string(),
+                    at: at + 1,
+                });
+            };
+            let name = &after[..end];
+            let Some((_, field)) = TokenField::PLACEHOLDERS.iter().find(|(n, _)| *n == name) else {
+                return Err(LayoutError::UnknownPlaceholder {
+                    key: key.to_string(),
+                    placeholder: name.to_string(),
+                });
+            };
+            content.0.push(Part::Field(*field));
+            at += name.chars().count() + 2;
+            rest = &after[end + 1..];
+        }
+    }
+    content.push_text(rest);
+    Ok(content)
+}
+
+/// As Kubernetes writes times (status.expiresAt): RFC 3339, whole seconds, UTC.
+fn rfc3339_seconds(at: jiff::Timestamp) -> String {
+    jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", at).unwrap_or_default()
+}
+
+/// What the keys of the target Secret can say about the current token.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenFacts<'a> {
+    pub token: &'a str,
+    pub expires_at: Option<jiff::Timestamp>,
+    pub scope: &'a str,
+    pub username: Option<&'a str>,
+}
+
+impl<'a> From<&'a HeldToken> for TokenFacts<'a> {
+    fn from(held: &'a HeldToken) -> Self {
+        Self {
+            token: held.token.access_token.expose(),
+            expires_at: held.expires_at,
+            scope: &held.scope,
+            username: held.user.as_deref(),
+        }
+    }
+}
+
+/// The target Secret: the keys of `layout` (made from the spec of `token`) filled in for the
+/// current token.
+pub fn render_target(token: &AwxToken, layout: &SecretLayout, facts: &TokenFacts) -> Secret {
+    let spec = &token.spec.secret;
+    let host = token.spec.awx.url.trim().trim_end_matches('/');
+    let data = layout
+        .keys
+        .iter()
+        .map(|(key, (content, _))| (key.clone(), bytes(&content.render(facts, host))))
+        .collect();
     let mut labels = spec.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     labels.insert(ROLE_LABEL.into(), "token".into());
@@ -215,10 +572,53 @@ mod tests {
         t
     }
 
+    /// The target Secret for a token with the facts of `FACTS` but the value `token_value`.
+    fn render(t: &AwxToken, token_value: &str) -> Secret {
+        let layout = SecretLayout::of(&t.spec.secret, t.spec.awx.insecure_skip_tls_verify)
+            .expect("the spec lays out");
+        render_target(
+            t,
+            &layout,
+            &TokenFacts {
+                token: token_value,
+                ..FACTS
+            },
+        )
+    }
+
+    const FACTS: TokenFacts<'static> = TokenFacts {
+        token: "Tok3n",
+        expires_at: None,
+        scope: "write",
+        username: Some("svc-k8s"),
+    };
+
+    /// The Secret's data as text, key by key.
+    fn data_of(s: &Secret) -> Vec<(String, String)> {
+        s.data
+            .as_ref()
+            .expect("data")
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).expect("UTF-8")))
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn layout_error(secret: serde_json::Value) -> LayoutError {
+        let t = awx_token(serde_json::json!({ "secret": secret }));
+        SecretLayout::of(&t.spec.secret, false).expect_err("the layout is refused")
+    }
+
     #[test]
     fn default_layout_feeds_awx_resource_operator() {
         let t = awx_token(serde_json::json!({}));
-        let s = render_target(&t, "Tok3n");
+        let s = render(&t, "Tok3n");
         assert_eq!(s.metadata.name.as_deref(), Some("ci-bot"));
         assert_eq!(s.metadata.namespace.as_deref(), Some("apps"));
         let data = s.data.as_ref().unwrap();
@@ -243,7 +643,7 @@ mod tests {
             "extraKeys": {"CONTROLLER_OAUTH_TOKEN": "token", "CONTROLLER_HOST": "host"},
             "deletionPolicy": "Retain"
         }}));
-        let s = render_target(&t, "Tok3n");
+        let s = render(&t, "Tok3n");
         assert_eq!(s.metadata.name.as_deref(), Some("awx-env"));
         let data = s.data.as_ref().unwrap();
         let keys: Vec<_> = data.keys().map(String::as_str).collect();
@@ -267,7 +667,7 @@ mod tests {
     fn ownership_refuses_foreign_and_other_awx_tokens_secrets() {
         let t = awx_token(serde_json::json!({}));
         assert_eq!(ownership(None, &t), Ownership::Absent);
-        let ours = render_target(&t, "x");
+        let ours = render(&t, "x");
         assert_eq!(ownership(Some(&ours), &t), Ownership::Ours);
         let foreign = Secret::default();
         assert!(
@@ -285,9 +685,9 @@ mod tests {
     #[test]
     fn up_to_date_detects_token_and_metadata_changes() {
         let t = awx_token(serde_json::json!({}));
-        let a = render_target(&t, "one");
-        assert!(up_to_date(Some(&a), &render_target(&t, "one")));
-        assert!(!up_to_date(Some(&a), &render_target(&t, "two")));
+        let a = render(&t, "one");
+        assert!(up_to_date(Some(&a), &render(&t, "one")));
+        assert!(!up_to_date(Some(&a), &render(&t, "two")));
         assert!(!up_to_date(None, &a));
         let mut relabelled = t.clone();
         relabelled
@@ -295,7 +695,7 @@ mod tests {
             .secret
             .labels
             .insert("team".into(), "b".into());
-        assert!(!up_to_date(Some(&a), &render_target(&relabelled, "one")));
+        assert!(!up_to_date(Some(&a), &render(&relabelled, "one")));
     }
 
     #[test]
@@ -315,5 +715,246 @@ mod tests {
         let s = render_state(&t, &TokenState::default());
         assert_eq!(s.metadata.owner_references.as_ref().unwrap().len(), 1);
         assert_eq!(s.labels()[ROLE_LABEL], "state");
+    }
+
+    #[test]
+    fn awx_cli_preset_writes_what_awxkit_reads() {
+        let t = awx_token(serde_json::json!({"secret": {"presets": ["AwxCli"]}}));
+        assert_eq!(
+            data_of(&render(&t, "Tok3n")),
+            pairs(&[
+                ("AAP_TOKEN", "Tok3n"),
+                ("CONTROLLER_HOST", "https://awx.example.com"),
+                ("CONTROLLER_OAUTH_TOKEN", "Tok3n"),
+                ("CONTROLLER_VERIFY_SSL", "true"),
+                ("host", "https://awx.example.com"),
+                ("token", "Tok3n"),
+            ])
+        );
+    }
+
+    #[test]
+    fn verify_keys_say_false_when_tls_verification_is_off() {
+        let mut t = awx_token(serde_json::json!({
+            "secret": {"presets": ["AwxCli", "AnsiblePlatform"]}
+        }));
+        t.spec.awx.insecure_skip_tls_verify = true;
+        assert_eq!(
+            data_of(&render(&t, "Tok3n")),
+            pairs(&[
+                ("AAP_HOSTNAME", "https://awx.example.com"),
+                ("AAP_TOKEN", "Tok3n"),
+                ("AAP_VALIDATE_CERTS", "false"),
+                ("CONTROLLER_HOST", "https://awx.example.com"),
+                ("CONTROLLER_OAUTH_TOKEN", "Tok3n"),
+                ("CONTROLLER_VERIFY_SSL", "false"),
+                ("GATEWAY_API_TOKEN", "Tok3n"),
+                ("GATEWAY_HOSTNAME", "https://awx.example.com"),
+                ("GATEWAY_VERIFY_SSL", "false"),
+                ("host", "https://awx.example.com"),
+                ("token", "Tok3n"),
+            ])
+        );
+    }
+
+    #[test]
+    fn platform_preset_and_resource_operator_preset_with_renamed_keys() {
+        let t = awx_token(serde_json::json!({"secret": {
+            "keys": {"token": "TOWER_OAUTH_TOKEN", "host": "TOWER_HOST"},
+            "presets": ["AnsiblePlatform", "AwxResourceOperator"]
+        }}));
+        assert_eq!(
+            data_of(&render(&t, "Tok3n")),
+            pairs(&[
+                ("AAP_HOSTNAME", "https://awx.example.com"),
+                ("AAP_TOKEN", "Tok3n"),
+                ("AAP_VALIDATE_CERTS", "true"),
+                ("GATEWAY_API_TOKEN", "Tok3n"),
+                ("GATEWAY_HOSTNAME", "https://awx.example.com"),
+                ("GATEWAY_VERIFY_SSL", "true"),
+                ("TOWER_HOST", "https://awx.example.com"),
+                ("TOWER_OAUTH_TOKEN", "Tok3n"),
+                ("host", "https://awx.example.com"),
+                ("token", "Tok3n"),
+            ])
+        );
+        // The token the operator finds again is the one under keys.token.
+        assert_eq!(token_in(&render(&t, "Tok3n"), &t).as_deref(), Some("Tok3n"));
+    }
+
+    #[test]
+    fn templates_fill_every_placeholder_and_keep_doubled_braces() {
+        let t = awx_token(serde_json::json!({"secret": {"templates": {
+            "awx.env": "CONTROLLER_HOST={host}\nCONTROLLER_OAUTH_TOKEN={token}\n",
+            "token.json": "{{\"token\": \"{token}\", \"expires\": \"{expiresAt}\", \
+                           \"scope\": \"{scope}\", \"user\": \"{username}\"}}",
+            "plain": "no placeholders, a }} and a {{",
+            "empty": ""
+        }}}));
+        let facts = TokenFacts {
+            expires_at: Some("3026-03-31T10:00:00.987654321Z".parse().unwrap()),
+            ..FACTS
+        };
+        let layout = SecretLayout::of(&t.spec.secret, false).unwrap();
+        assert_eq!(
+            data_of(&render_target(&t, &layout, &facts)),
+            pairs(&[
+                (
+                    "awx.env",
+                    "CONTROLLER_HOST=https://awx.example.com\nCONTROLLER_OAUTH_TOKEN=Tok3n\n"
+                ),
+                ("empty", ""),
+                ("host", "https://awx.example.com"),
+                ("plain", "no placeholders, a } and a {"),
+                ("token", "Tok3n"),
+                (
+                    "token.json",
+                    "{\"token\": \"Tok3n\", \"expires\": \"3026-03-31T10:00:00Z\", \
+                     \"scope\": \"write\", \"user\": \"svc-k8s\"}"
+                ),
+            ])
+        );
+        assert_eq!(layout.template_fields(), 6);
+    }
+
+    #[test]
+    fn unknown_expiry_and_user_render_empty() {
+        let t = awx_token(serde_json::json!({"secret": {"templates": {
+            "about": "[{username}] until [{expiresAt}] ({scope})"
+        }}}));
+        let layout = SecretLayout::of(&t.spec.secret, false).unwrap();
+        let facts = TokenFacts {
+            username: None,
+            scope: "read",
+            ..FACTS
+        };
+        let data = data_of(&render_target(&t, &layout, &facts));
+        assert_eq!(
+            data[0],
+            ("about".to_string(), "[] until [] (read)".to_string())
+        );
+    }
+
+    #[test]
+    fn template_errors_name_the_key_and_the_placeholder() {
+        for (template, message) in [
+            (
+                "CONTROLLER_OAUTH_TOKEN={tokn}",
+                "template of key \"awx.env\": unknown placeholder \"{tokn}\"; the placeholders \
+                 are {token}, {host}, {expiresAt}, {scope} and {username} ({{ and }} for \
+                 literal braces)",
+            ),
+            (
+                "{Token}",
+                "template of key \"awx.env\": unknown placeholder \"{Token}\"; the placeholders \
+                 are {token}, {host}, {expiresAt}, {scope} and {username} ({{ and }} for \
+                 literal braces)",
+            ),
+            (
+                "{}",
+                "template of key \"awx.env\": unknown placeholder \"{}\"; the placeholders \
+                 are {token}, {host}, {expiresAt}, {scope} and {username} ({{ and }} for \
+                 literal braces)",
+            ),
+            (
+                "é={token} {host",
+                "template of key \"awx.env\": the { at character 11 has no closing } (write {{ \
+                 for a literal brace)",
+            ),
+            (
+                "{{x}",
+                "template of key \"awx.env\": the } at character 4 has no opening { (write }} \
+                 for a literal brace)",
+            ),
+        ] {
+            let e = layout_error(serde_json::json!({"templates": {"awx.env": template}}));
+            assert_eq!(e.field(), "secret.templates", "{template}");
+            assert_eq!(e.to_string(), message, "{template}");
+        }
+    }
+
+    #[test]
+    fn a_key_from_two_sources_with_different_content_is_refused() {
+        for (secret, field, message) in [
+            (
+                serde_json::json!({"extraKeys": {"CONTROLLER_HOST": "token"}, "presets": ["AwxCli"]}),
+                "secret.presets",
+                "key \"CONTROLLER_HOST\" is written twice with different content: the token by \
+                 secret.extraKeys and the AWX URL by preset AwxCli",
+            ),
+            (
+                serde_json::json!({"extraKeys": {"token": "host"}}),
+                "secret.extraKeys",
+                "key \"token\" is written twice with different content: the token by \
+                 secret.keys.token and the AWX URL by secret.extraKeys",
+            ),
+            (
+                serde_json::json!({"keys": {"token": "AAP_HOSTNAME"}, "presets": ["AnsiblePlatform"]}),
+                "secret.presets",
+                "key \"AAP_HOSTNAME\" is written twice with different content: the token by \
+                 secret.keys.token and the AWX URL by preset AnsiblePlatform",
+            ),
+            (
+                serde_json::json!({"presets": ["AwxCli"], "templates": {"CONTROLLER_VERIFY_SSL": "false"}}),
+                "secret.templates",
+                "key \"CONTROLLER_VERIFY_SSL\" is written twice with different content: the text \
+                 \"true\" by preset AwxCli and the text \"false\" by secret.templates",
+            ),
+            (
+                serde_json::json!({"templates": {"host": "{host}/"}}),
+                "secret.templates",
+                "key \"host\" is written twice with different content: the AWX URL by \
+                 secret.keys.host and a template by secret.templates",
+            ),
+        ] {
+            let e = layout_error(secret.clone());
+            assert_eq!(e.field(), field, "{secret}");
+            assert_eq!(e.to_string(), message, "{secret}");
+        }
+    }
+
+    #[test]
+    fn a_key_from_two_sources_with_the_same_content_is_written_once() {
+        let t = awx_token(serde_json::json!({"secret": {
+            "extraKeys": {"CONTROLLER_OAUTH_TOKEN": "token", "AAP_HOSTNAME": "host"},
+            "presets": ["AwxCli", "AnsiblePlatform", "AwxResourceOperator", "AwxCli"],
+            "templates": {"AAP_TOKEN": "{token}", "GATEWAY_VERIFY_SSL": "true", "token": "{token}"}
+        }}));
+        let layout = SecretLayout::of(&t.spec.secret, false).unwrap();
+        assert_eq!(
+            layout.keys().collect::<Vec<_>>(),
+            [
+                "AAP_HOSTNAME",
+                "AAP_TOKEN",
+                "AAP_VALIDATE_CERTS",
+                "CONTROLLER_HOST",
+                "CONTROLLER_OAUTH_TOKEN",
+                "CONTROLLER_VERIFY_SSL",
+                "GATEWAY_API_TOKEN",
+                "GATEWAY_HOSTNAME",
+                "GATEWAY_VERIFY_SSL",
+                "host",
+                "token"
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_errors_never_hold_a_token_and_stay_short() {
+        let long = "k".repeat(250);
+        let e = layout_error(
+            serde_json::json!({"templates": {long.clone(): format!("{{{}}}", "p".repeat(5000))}}),
+        );
+        assert!(e.to_string().chars().count() < 300, "{e}");
+        // Rendering is where token values enter, and it cannot fail.
+        let t = awx_token(serde_json::json!({"secret": {"templates": {"x": "{token}"}}}));
+        assert_eq!(
+            data_of(&render(&t, "S3cr3t")),
+            pairs(&[
+                ("host", "https://awx.example.com"),
+                ("token", "S3cr3t"),
+                ("x", "S3cr3t")
+            ])
+        );
     }
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::crd::{AwxTokenSpec, GrantType, RenewalStrategy};
+use crate::{
+    crd::{AwxTokenSpec, GrantType, RenewalStrategy},
+    secrets::SecretLayout,
+};
 
 /// A spec that passed validation, with durations parsed and the URL normalised.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +27,8 @@ pub struct ValidSpec {
     /// How long AWX keeps a refresh token usable (REFRESH_TOKEN_EXPIRE_SECONDS).
     pub refresh_token_lifetime: Duration,
     pub timeout: Duration,
+    /// The keys of the target Secret and what each holds.
+    pub secret_layout: SecretLayout,
     pub restart: RestartPolicy,
 }
 
@@ -65,6 +70,11 @@ const MIN_ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// Kubernetes allows 256 KiB of annotations per object; the operator adds its own (its
 /// AwxToken's name and a hash), so the user's get all but 1 KiB.
 const MAX_ANNOTATIONS_SIZE: usize = 255 * 1024;
+/// Templates in all: enough for any config file, and with at most
+/// MAX_TEMPLATE_PLACEHOLDERS values (the URL at most 2 KiB) the Secret stays far below the
+/// 1 MiB Kubernetes stores.
+const MAX_TEMPLATES_SIZE: usize = 64 * 1024;
+const MAX_TEMPLATE_PLACEHOLDERS: usize = 128;
 /// Prefix of the Secrets the operator keeps its token state in (`secrets::state_secret_name`).
 const STATE_SECRET_PREFIX: &str = "awx-token-operator-state-";
 
@@ -192,12 +202,32 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     }
     for key in secret.extra_keys.keys() {
         check_secret_key("secret.extraKeys", key)?;
-        if key == &secret.keys.token || key == &secret.keys.host {
-            return Err(invalid(
-                "secret.extraKeys",
-                format!("key {} is already used by secret.keys", quoted(key)),
-            ));
-        }
+    }
+    let mut template_bytes = 0;
+    for (key, template) in &secret.templates {
+        check_secret_key("secret.templates", key)?;
+        template_bytes += template.len();
+    }
+    if template_bytes > MAX_TEMPLATES_SIZE {
+        return Err(invalid(
+            "secret.templates",
+            format!(
+                "templates total {template_bytes} bytes; at most {MAX_TEMPLATES_SIZE} are \
+                 allowed (a Secret holds at most 1 MiB)"
+            ),
+        ));
+    }
+    let secret_layout = SecretLayout::of(secret, spec.awx.insecure_skip_tls_verify)
+        .map_err(|e| invalid(e.field(), e.to_string()))?;
+    let fields = secret_layout.template_fields();
+    if fields > MAX_TEMPLATE_PLACEHOLDERS {
+        return Err(invalid(
+            "secret.templates",
+            format!(
+                "templates hold {fields} placeholders; at most {MAX_TEMPLATE_PLACEHOLDERS} \
+                 are allowed"
+            ),
+        ));
     }
     for (key, value) in secret.labels.iter() {
         check_qualified_name("secret.labels", key)?;
@@ -281,6 +311,7 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
         refresh_token_lifetime,
         timeout: Duration::from_secs(u64::from(spec.awx.timeout_seconds.clamp(1, 300))),
         restart,
+        secret_layout,
     })
 }
 
@@ -446,7 +477,7 @@ fn is_label_value(value: &str) -> bool {
 
 /// `text` quoted and escaped for a message, cut short: messages echo what the user wrote so
 /// they can find it, but a spec field can be megabytes long.
-fn quoted(text: &str) -> String {
+pub(crate) fn quoted(text: &str) -> String {
     const MAX_CHARS: usize = 64;
     let mut out = String::from("\"");
     let mut shown = 0;
@@ -991,21 +1022,107 @@ mod tests {
     }
 
     #[test]
-    fn extra_keys_colliding_with_either_key_are_refused() {
-        for (taken, value) in [("token", SecretValue::Host), ("host", SecretValue::Host)] {
+    fn extra_keys_colliding_with_either_key_are_refused_unless_they_hold_the_same() {
+        for (taken, value) in [("token", SecretValue::Host), ("host", SecretValue::Token)] {
             let e = error_of(|s| {
                 s.secret.extra_keys.insert(taken.into(), value);
             });
             assert_eq!(e.field, "secret.extraKeys", "{taken}");
-            assert!(e.message.contains("already used"), "{e}");
+            assert!(e.message.contains("written twice"), "{e}");
         }
         let e = error_of(|s| {
             s.secret.keys.token = "TOWER_OAUTH_TOKEN".into();
             s.secret
                 .extra_keys
-                .insert("TOWER_OAUTH_TOKEN".into(), SecretValue::Token);
+                .insert("TOWER_OAUTH_TOKEN".into(), SecretValue::Host);
         });
         assert_eq!(e.field, "secret.extraKeys");
+        // The same content twice is one key, not a conflict.
+        let mut s = spec();
+        s.secret
+            .extra_keys
+            .insert("token".into(), SecretValue::Token);
+        s.secret.extra_keys.insert("host".into(), SecretValue::Host);
+        let keys: Vec<_> = validate(&s)
+            .unwrap()
+            .secret_layout
+            .keys()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(keys, ["host", "token"]);
+    }
+
+    #[test]
+    fn presets_and_templates_are_laid_out_and_their_errors_name_the_field() {
+        let mut s = spec();
+        s.secret.presets = vec![SecretPreset::AwxCli];
+        s.secret
+            .templates
+            .insert("awx.env".into(), "CONTROLLER_OAUTH_TOKEN={token}\n".into());
+        let keys: Vec<_> = validate(&s)
+            .unwrap()
+            .secret_layout
+            .keys()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "AAP_TOKEN",
+                "CONTROLLER_HOST",
+                "CONTROLLER_OAUTH_TOKEN",
+                "CONTROLLER_VERIFY_SSL",
+                "awx.env",
+                "host",
+                "token"
+            ]
+        );
+        let e = error_of(|s| {
+            s.secret
+                .templates
+                .insert("awx.env".into(), "TOKEN={tokn}".into());
+        });
+        assert_eq!(e.field, "secret.templates");
+        assert!(
+            e.to_string().starts_with(
+                "spec.secret.templates: template of key \"awx.env\": unknown placeholder \"{tokn}\""
+            ),
+            "{e}"
+        );
+        let e = error_of(|s| {
+            s.secret.presets = vec![SecretPreset::AwxCli];
+            s.secret
+                .extra_keys
+                .insert("CONTROLLER_HOST".into(), SecretValue::Token);
+        });
+        assert_eq!(
+            e.to_string(),
+            "spec.secret.presets: key \"CONTROLLER_HOST\" is written twice with different \
+             content: the token by secret.extraKeys and the AWX URL by preset AwxCli"
+        );
+        let e = error_of(|s| {
+            s.secret.templates.insert("bad key!".into(), String::new());
+        });
+        assert_eq!(e.field, "secret.templates");
+        assert!(e.message.contains("not a valid Secret key"), "{e}");
+    }
+
+    #[test]
+    fn templates_beyond_what_a_secret_holds_are_refused() {
+        let e = error_of(|s| {
+            s.secret.templates.insert("a".into(), "x".repeat(40 * 1024));
+            s.secret.templates.insert("b".into(), "x".repeat(30 * 1024));
+        });
+        assert_eq!(e.field, "secret.templates");
+        assert!(e.message.contains("71680 bytes"), "{e}");
+        let e = error_of(|s| {
+            s.secret.templates.insert("a".into(), "{host}".repeat(129));
+        });
+        assert_eq!(e.field, "secret.templates");
+        assert!(e.message.contains("129 placeholders"), "{e}");
+        let mut s = spec();
+        s.secret.templates.insert("a".into(), "{token}".repeat(128));
+        assert!(validate(&s).is_ok());
     }
 
     #[test]
@@ -1133,7 +1250,7 @@ mod tests {
         use proptest::prelude::*;
 
         /// Every `field` a SpecError may name.
-        const FIELDS: [&str; 23] = [
+        const FIELDS: [&str; 25] = [
             "awx.url",
             "awx.caBundleSecretRef.name",
             "awx.caBundleSecretRef.key",
@@ -1154,6 +1271,8 @@ mod tests {
             "secret.keys.token",
             "secret.keys.host",
             "secret.extraKeys",
+            "secret.presets",
+            "secret.templates",
             "secret.labels",
             "secret.annotations",
             "rolloutRestartTargets.name",
@@ -1480,9 +1599,10 @@ mod tests {
                     })
                     && annotations.keys().all(|k| api_qualified_name(k))
                     && annotation_bytes <= 255 * 1024;
+                // A key asked for twice must hold the same both times.
                 let distinct = token_key != host_key
-                    && !extra.contains_key(&token_key)
-                    && !extra.contains_key(&host_key);
+                    && extra.get(&token_key).is_none_or(|v| *v == SecretValue::Token)
+                    && extra.get(&host_key).is_none_or(|v| *v == SecretValue::Host);
                 let result = validate(&s);
                 if let Err(e) = &result {
                     check_rejection(e)?;

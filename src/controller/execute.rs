@@ -187,12 +187,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Ownership::Foreign(why) => Target::Foreign(why.clone()),
             ownership => Target::Writable {
                 up_to_date: *ownership == Ownership::Ours
-                    && self.seen.state.current.as_ref().is_some_and(|c| {
-                        secrets::up_to_date(
+                    && match (&self.seen.state.current, &self.seen.valid) {
+                        (Some(current), Ok(valid)) => secrets::up_to_date(
                             self.seen.target.as_ref(),
-                            &secrets::render_target(self.token, c.token.access_token.expose()),
-                        )
-                    }),
+                            &secrets::render_target(
+                                self.token,
+                                &valid.secret_layout,
+                                &current.into(),
+                            ),
+                        ),
+                        _ => false,
+                    },
             },
         }
     }
@@ -1281,7 +1286,8 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             })
             .await?;
         }
-        let mut desired = secrets::render_target(self.token, current.token.access_token.expose());
+        let mut desired =
+            secrets::render_target(self.token, &valid.secret_layout, &(&current).into());
         if self.seen.target_ownership == Ownership::Ours
             && let Some(existing) = &self.seen.target
         {

@@ -5,7 +5,8 @@
 #                            [--password-hash-iterations N]
 #       prints the base URL as its last stdout line; writes RUN_DIR/{pid,port,url,mode}
 #   standin.sh stop RUN_DIR
-#   standin.sh venv [MODE]     create the virtualenv of MODE (default awx) if needed, print its path
+#   standin.sh venv [MODE]     create the virtualenv of MODE (default awx; awxkit: the awx CLI) if
+#                              needed, print its path
 #   standin.sh test [ARGS]     run test_standin.py with pytest (installed into the venv)
 set -euo pipefail
 
@@ -13,13 +14,17 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${AWXTO_CACHE:-$HOME/.cache/awx-token-operator}"
 
 # Two virtualenvs: AWX 24.6.1's stack (modes awx, generic) and the gateway's django-ansible-base
-# stack (mode gateway). use_venv MODE sets REQ and VENV.
+# stack (mode gateway); a third, awxkit, is not a stand-in but the awx CLI the e2e suite runs
+# against one (`standin.sh venv awxkit`). use_venv MODE sets REQ and VENV.
 use_venv() {
+  local name=standin-venv
   case "$1" in
     gateway) REQ="$HERE/requirements-gateway.txt";;
+    awxkit) REQ="$HERE/requirements-awxkit.txt"
+      name="awxkit-$(sed -n 's/^awxkit==//p' "$REQ")-venv";;
     *) REQ="$HERE/requirements.txt";;
   esac
-  VENV="$CACHE/standin-venv-$(sha256sum "$REQ" | cut -c1-12)"
+  VENV="$CACHE/$name-$(sha256sum "$REQ" | cut -c1-12)"
 }
 use_venv awx
 

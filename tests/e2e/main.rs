@@ -8,6 +8,7 @@
 #[macro_use]
 mod support;
 mod chart;
+mod consumers;
 mod image;
 mod ops;
 mod reconciler;
@@ -72,6 +73,8 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(
             restarts::restarts_a_rollout_that_never_finishes_keeps_the_old_token_until_the_timeout
         ),
+        scenario!(consumers::consumers_awx_cli_reads_the_preset_secret_and_templates_render_exactly),
+        scenario!(consumers::consumers_credential_key_names_extra_keys_and_wide_columns),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),

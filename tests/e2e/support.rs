@@ -357,6 +357,48 @@ impl Env {
         self.kubectl_stdin(&["apply", "-f", "-"], &doc.to_string())?;
         Ok(())
     }
+
+    /// Runs the awx CLI of awxkit 24.6.1 (`tests/awx-standin/standin.sh venv awxkit` installs
+    /// it from PyPI into a virtualenv cached by version, once) with exactly the environment
+    /// `vars` and a HOME of its own, so nothing but `vars` configures it. Blocks: call it from
+    /// `spawn_blocking`.
+    pub fn awx_cli(&self, vars: &[(String, String)], args: &[&str]) -> Result<Run, String> {
+        static VENV: Mutex<Option<PathBuf>> = Mutex::new(None);
+        let venv = {
+            let mut venv = VENV.lock().map_err(|e| e.to_string())?;
+            match &*venv {
+                Some(path) => path.clone(),
+                None => {
+                    let path = PathBuf::from(
+                        sh_output(&format!(
+                            "bash {}/tests/awx-standin/standin.sh venv awxkit",
+                            repo_root().display()
+                        ))?
+                        .lines()
+                        .last()
+                        .unwrap_or_default(),
+                    );
+                    *venv = Some(path.clone());
+                    path
+                }
+            }
+        };
+        let home = self.run_dir.join("awx-cli-home");
+        fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+        let out = Command::new(venv.join("bin/awx"))
+            .args(args)
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .env("HOME", &home)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("awx: {e}"))?;
+        Ok(Run {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
 }
 
 /// Condition `type_` of an AwxToken object as (status, reason, message).
