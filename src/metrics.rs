@@ -1,16 +1,17 @@
 //! Prometheus metrics. Labels are bounded: no token ids, no URLs, no values.
 
-use std::{sync::atomic::AtomicU64, time::Duration};
+use std::{collections::BTreeSet, sync::atomic::AtomicU64, time::Duration};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
+        MetricType, TypedMetric,
         counter::Counter,
         family::{Family, MetricConstructor},
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 use crate::awx::RequestObserver;
@@ -32,12 +33,14 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FlavorLabels {
-    pub flavor: &'static str,
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub struct RevocationLabels {
+    pub flavor: &'static str,
+    /// revoked (verified dead) or failed (retried after a backoff).
     pub outcome: &'static str,
 }
 
@@ -82,15 +85,38 @@ impl MetricConstructor<Histogram> for LatencyHistogram {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 
+const PREFIX: &str = "awx_token_operator";
+
+/// The registry, and the names of the series each family registered in it exports.
+struct Described {
+    registry: Registry,
+    series: BTreeSet<String>,
+}
+
+impl Described {
+    fn register<M: Metric + TypedMetric>(&mut self, name: &str, help: &str, metric: M) {
+        let suffixes: &[&str] = match M::TYPE {
+            MetricType::Counter => &["_total"],
+            MetricType::Histogram => &["_bucket", "_sum", "_count"],
+            MetricType::Info => &["_info"],
+            MetricType::Gauge | MetricType::Unknown => &[""],
+        };
+        self.series
+            .extend(suffixes.iter().map(|s| format!("{PREFIX}_{name}{s}")));
+        self.registry.register(name, help, metric);
+    }
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
+    series: BTreeSet<String>,
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tokens_issued: Family<TokenLabels, Counter>,
     pub tokens_renewed: Family<TokenLabels, Counter>,
-    pub tokens_revoked: Family<FlavorLabels, Counter>,
+    pub revocations: Family<RevocationLabels, Counter>,
     pub interrupted_issues: Family<OutcomeLabels, Counter>,
     pub renewal_failures: Family<ReasonLabels, Counter>,
     pub verifications: Family<OutcomeLabels, Counter>,
@@ -101,6 +127,7 @@ pub struct Metrics {
     pub objects_in_backoff: Gauge,
     pub token_expiry: Family<ObjectLabels, FloatGauge>,
     pub token_renewal: Family<ObjectLabels, FloatGauge>,
+    pub renewal_failing_since: Family<ObjectLabels, FloatGauge>,
     pub leader: Gauge,
 }
 
@@ -112,7 +139,10 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("awx_token_operator");
+        let mut registry = Described {
+            registry: Registry::with_prefix(PREFIX),
+            series: BTreeSet::new(),
+        };
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reconciles",
@@ -146,11 +176,12 @@ impl Metrics {
             "Tokens replaced before they expired or grew too old",
             tokens_renewed.clone(),
         );
-        let tokens_revoked = Family::<FlavorLabels, Counter>::default();
+        let revocations = Family::<RevocationLabels, Counter>::default();
         registry.register(
-            "tokens_revoked",
-            "Tokens revoked in AWX (verified dead)",
-            tokens_revoked.clone(),
+            "revocations",
+            "Attempts to revoke a replaced or deleted AwxToken's token in AWX by outcome: revoked \
+             (verified dead), failed (tried again after a backoff)",
+            revocations.clone(),
         );
         let interrupted_issues = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -220,6 +251,13 @@ impl Metrics {
             "When the operator will renew the token of an AwxToken (unix seconds)",
             token_renewal.clone(),
         );
+        let renewal_failing_since = Family::<ObjectLabels, FloatGauge>::default();
+        registry.register(
+            "renewal_failing_since_timestamp_seconds",
+            "Since when every attempt to obtain a token for an AwxToken has failed (unix seconds; \
+             kept across restarts); absent once one succeeds",
+            renewal_failing_since.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -234,13 +272,14 @@ impl Metrics {
             .set(1);
         registry.register("build_info", "Build information", build_info);
         Self {
-            registry,
+            registry: registry.registry,
+            series: registry.series,
             reconciles,
             reconcile_errors,
             reconcile_duration,
             tokens_issued,
             tokens_renewed,
-            tokens_revoked,
+            revocations,
             interrupted_issues,
             renewal_failures,
             verifications,
@@ -251,6 +290,7 @@ impl Metrics {
             objects_in_backoff,
             token_expiry,
             token_renewal,
+            renewal_failing_since,
             leader,
         }
     }
@@ -261,6 +301,29 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// The names of the series the operator exports, whether or not they have samples yet
+    /// (the registry leaves a family without samples out of the exposition altogether): what a
+    /// dashboard or an alert may query.
+    pub fn series_names(&self) -> &BTreeSet<String> {
+        &self.series
+    }
+
+    /// Records since when obtaining a token for one AwxToken has failed (`None`: it has not).
+    pub fn set_failing_since(&self, namespace: &str, name: &str, since: Option<f64>) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match since {
+            Some(t) => {
+                self.renewal_failing_since.get_or_create(&labels).set(t);
+            }
+            None => {
+                self.renewal_failing_since.remove(&labels);
+            }
+        }
     }
 
     /// Records the schedule of one AwxToken (or forgets it with `None`).
@@ -334,5 +397,123 @@ mod tests {
         }
         m.set_schedule("apps", "ci-bot", None);
         assert!(!m.render().contains("name=\"ci-bot\""));
+    }
+
+    #[test]
+    fn failing_since_is_reported_per_object_until_cleared() {
+        let m = Metrics::new();
+        m.set_failing_since("apps", "ci-bot", Some(1.7e9));
+        m.set_failing_since("apps", "other", Some(1.8e9));
+        let text = m.render();
+        assert!(
+            text.contains("awx_token_operator_renewal_failing_since_timestamp_seconds{namespace=\"apps\",name=\"ci-bot\"} 1700000000.0"),
+            "{text}"
+        );
+        m.set_failing_since("apps", "ci-bot", None);
+        let lines: Vec<_> = m
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("awx_token_operator_renewal_failing_since"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "awx_token_operator_renewal_failing_since_timestamp_seconds{namespace=\"apps\",name=\"other\"} 1800000000.0"
+            ]
+        );
+    }
+
+    const EXPORTED: [&str; 23] = [
+        "awx_token_operator_awx_request_duration_seconds_bucket",
+        "awx_token_operator_awx_request_duration_seconds_count",
+        "awx_token_operator_awx_request_duration_seconds_sum",
+        "awx_token_operator_awx_requests_total",
+        "awx_token_operator_build_info",
+        "awx_token_operator_interrupted_issues_total",
+        "awx_token_operator_leader",
+        "awx_token_operator_objects_in_backoff",
+        "awx_token_operator_reconcile_duration_seconds_bucket",
+        "awx_token_operator_reconcile_duration_seconds_count",
+        "awx_token_operator_reconcile_duration_seconds_sum",
+        "awx_token_operator_reconcile_errors_total",
+        "awx_token_operator_reconciles_total",
+        "awx_token_operator_renewal_failing_since_timestamp_seconds",
+        "awx_token_operator_renewal_failures_total",
+        "awx_token_operator_restarts_total",
+        "awx_token_operator_revocations_total",
+        "awx_token_operator_rollouts_total",
+        "awx_token_operator_token_expiry_timestamp_seconds",
+        "awx_token_operator_token_renewal_timestamp_seconds",
+        "awx_token_operator_tokens_issued_total",
+        "awx_token_operator_tokens_renewed_total",
+        "awx_token_operator_verifications_total",
+    ];
+
+    /// The names of the sample lines of an exposition.
+    fn sampled(text: &str) -> BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A family without samples is left out of the exposition, yet it is a name a dashboard
+    /// may query: the names come from the registration, for every family.
+    #[test]
+    fn series_names_are_every_family_with_or_without_samples() {
+        let m = Metrics::new();
+        let want: BTreeSet<String> = EXPORTED.into_iter().map(str::to_string).collect();
+        assert_eq!(m.series_names(), &want);
+        let text = m.render();
+        assert!(!text.contains("awx_token_operator_revocations"), "{text}");
+        assert!(sampled(&text).is_subset(&want));
+    }
+
+    /// Once every family has a sample, the exposition has exactly the names
+    /// `series_names` says: the suffixes follow the encoder.
+    #[test]
+    fn series_names_match_the_exposition_once_every_family_has_a_sample() {
+        let m = Metrics::new();
+        let token = TokenLabels {
+            grant: "Password",
+            flavor: "Controller",
+        };
+        m.reconcile_errors
+            .get_or_create(&ReasonLabels { reason: "Conflict" })
+            .inc();
+        m.tokens_issued.get_or_create(&token).inc();
+        m.tokens_renewed.get_or_create(&token).inc();
+        m.revocations
+            .get_or_create(&RevocationLabels {
+                flavor: "Controller",
+                outcome: "revoked",
+            })
+            .inc();
+        m.interrupted_issues
+            .get_or_create(&OutcomeLabels { outcome: "cleaned" })
+            .inc();
+        m.renewal_failures
+            .get_or_create(&ReasonLabels {
+                reason: "AwxServerError",
+            })
+            .inc();
+        m.verifications
+            .get_or_create(&OutcomeLabels { outcome: "valid" })
+            .inc();
+        m.restarts
+            .get_or_create(&RestartLabels {
+                kind: "Deployment",
+                outcome: "restarted",
+            })
+            .inc();
+        m.rollouts
+            .get_or_create(&OutcomeLabels { outcome: "finished" })
+            .inc();
+        m.observe("token", Some(201), Duration::from_millis(20));
+        m.set_schedule("apps", "ci-bot", Some((Some(2.0e9), 1.9e9)));
+        m.set_failing_since("apps", "ci-bot", Some(1.7e9));
+        assert_eq!(&sampled(&m.render()), m.series_names());
     }
 }

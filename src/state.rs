@@ -128,6 +128,11 @@ impl fmt::Display for WorkloadRef {
 pub struct FailureRecord {
     pub attempts: u32,
     pub at: Timestamp,
+    /// When the first of these consecutive failures happened: how long obtaining a token has
+    /// been failing (the renewal-failing alert), which the process must not forget on restart.
+    /// Absent in records of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
     /// Condition reason (`InvalidCredentials`, `AwxServerError`, ...).
     pub reason: String,
     /// What a person reads; never holds a secret value.
@@ -140,6 +145,13 @@ pub struct FailureRecord {
     /// once; later attempts for it follow the backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<String>,
+}
+
+impl FailureRecord {
+    /// The start of the streak; a record of an earlier release knows only its last failure.
+    pub fn failing_since(&self) -> Timestamp {
+        self.since.unwrap_or(self.at)
+    }
 }
 
 /// A token request in flight, or one whose outcome is unknown.
@@ -428,6 +440,7 @@ mod tests {
             failure: Some(FailureRecord {
                 attempts: 3,
                 at: Timestamp::from_second(1_700_000_100).unwrap(),
+                since: Some(Timestamp::from_second(1_700_000_000).unwrap()),
                 reason: "AwxServerError".into(),
                 message: "m".into(),
                 retryable: true,
@@ -472,6 +485,27 @@ mod tests {
         assert_eq!(state.issuing.unwrap().holder, "");
         assert!(state.failure.is_none() && state.interrupted.is_empty());
         assert!(!state.current.unwrap().refresh_broken);
+    }
+
+    /// A failure record of an earlier release has no start of the streak: its last failure
+    /// stands in for it.
+    #[test]
+    fn a_failure_record_of_an_earlier_release_fails_since_its_last_failure() {
+        let old = br#"{"failure":{"attempts":2,"at":"2026-01-01T00:10:00Z","reason":"AwxServerError","message":"m","retryable":true,"inputs":"x"}}"#;
+        let failure = TokenState::decode(old).unwrap().failure.unwrap();
+        assert_eq!(failure.since, None);
+        assert_eq!(
+            failure.failing_since(),
+            "2026-01-01T00:10:00Z".parse::<Timestamp>().unwrap()
+        );
+        let with_start = FailureRecord {
+            since: Some("2026-01-01T00:00:00Z".parse().unwrap()),
+            ..failure
+        };
+        assert_eq!(
+            with_start.failing_since(),
+            "2026-01-01T00:00:00Z".parse::<Timestamp>().unwrap()
+        );
     }
 
     #[test]

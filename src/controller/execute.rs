@@ -30,7 +30,7 @@ use crate::{
         AwxError, Flavor, IssuedToken, ListedToken, Login, Outcome, Scope, TokenKind, TokenQuery,
     },
     crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec, WorkloadKind},
-    metrics::{FlavorLabels, Metrics, OutcomeLabels, ReasonLabels, RestartLabels, TokenLabels},
+    metrics::{Metrics, OutcomeLabels, ReasonLabels, RestartLabels, RevocationLabels, TokenLabels},
     schedule,
     secrets::{self, Ownership},
     spec::ValidSpec,
@@ -61,8 +61,9 @@ pub struct Applied {
     pub action: Action,
     /// The delay `action` asks for (`None`: wait for a change).
     pub requeue_after: Option<Duration>,
-    /// A failure holds the next attempt back (for the objects-in-backoff gauge).
-    pub in_backoff: bool,
+    /// Since when attempts to obtain a token have failed, with none succeeding since (unix
+    /// seconds): a failure holds the next attempt back (the objects-in-backoff gauge).
+    pub failing_since: Option<f64>,
     /// For the schedule metrics: AWX's expiry and the renewal time (unix seconds).
     pub schedule: Option<(Option<f64>, f64)>,
     /// The plan reached `Done` (false: it ran out of steps, which is a bug).
@@ -94,7 +95,7 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
     Ok(Applied {
         action: Action::requeue(Duration::from_secs(1)),
         requeue_after: Some(Duration::from_secs(1)),
-        in_backoff: false,
+        failing_since: None,
         schedule: None,
         settled: false,
     })
@@ -711,13 +712,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 // Never leave a token nobody can revoke: give it back.
                 let to_revoke = held.token.to_revoke();
                 let creds = held.token.revocation(&inputs.revocation());
-                if let Err(revoke_error) = self
+                match self
                     .env
                     .awx
                     .revoke(at, held.token.flavor(), &to_revoke, &creds)
                     .await
                 {
-                    warn!(error = %revoke_error, "could not give back a token that could not be recorded");
+                    Ok(()) => self.count_revocation(held.token.flavor(), "revoked"),
+                    Err(revoke_error) => {
+                        self.count_revocation(held.token.flavor(), "failed");
+                        warn!(error = %revoke_error, "could not give back a token that could not be recorded");
+                    }
                 }
                 return Err(e);
             }
@@ -784,13 +789,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             if refresh_broken && let Some(current) = s.current.as_mut() {
                 current.refresh_broken = true;
             }
+            let previous = s.failure.as_ref();
             s.failure = Some(FailureRecord {
-                attempts: s
-                    .failure
-                    .as_ref()
-                    .map_or(0, |f| f.attempts)
-                    .saturating_add(1),
+                attempts: previous.map_or(0, |f| f.attempts).saturating_add(1),
                 at: now,
+                since: Some(previous.map_or(now, FailureRecord::failing_since)),
                 reason: reason.to_string(),
                 message: message.clone(),
                 retryable: error.is_retryable(),
@@ -1103,6 +1106,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         .await
     }
 
+    fn count_revocation(&self, flavor: Flavor, outcome: &'static str) {
+        self.env
+            .metrics
+            .revocations
+            .get_or_create(&RevocationLabels {
+                flavor: flavor.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
     fn count_interrupted(&self, outcome: &'static str) {
         self.env
             .metrics
@@ -1140,13 +1154,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         match result {
             Ok(()) => {
                 info!("revoked a replaced token");
-                self.env
-                    .metrics
-                    .tokens_revoked
-                    .get_or_create(&FlavorLabels {
-                        flavor: retiring.token.flavor().as_str(),
-                    })
-                    .inc();
+                self.count_revocation(retiring.token.flavor(), "revoked");
                 self.edit_state(|s| {
                     s.retiring.retain(|r| r.token.access_token != value);
                     Ok(())
@@ -1171,6 +1179,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                     crate::decide::jitter(&[self.uid(), "revoke", &attempts.to_string()]),
                 );
                 warn!(error = %e, retry_in = ?wait, "could not revoke a replaced token");
+                self.count_revocation(retiring.token.flavor(), "failed");
                 self.edit_state(|s| {
                     if let Some(r) = s
                         .retiring
@@ -1659,7 +1668,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             &self.token.secret_name(),
             &old,
         );
-        let in_backoff = facts.state.failure.is_some();
+        let failing_since = facts
+            .state
+            .failure
+            .as_ref()
+            .map(|f| f.failing_since().as_millisecond() as f64 / 1000.0);
         let schedule = facts
             .state
             .current
@@ -1702,7 +1715,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         Ok(Applied {
             action: requeue_after.map_or_else(Action::await_change, Action::requeue),
             requeue_after,
-            in_backoff,
+            failing_since,
             schedule,
             settled: true,
         })

@@ -196,8 +196,10 @@ async fn apply(token: &AwxToken, ctx: &Context) -> Result<Action, Error> {
     let applied = execute::apply(token, &ctx.env()).await?;
     let key = key_of(token);
     lock(&ctx.api_errors).remove(&key);
-    ctx.set_in_backoff(key.clone(), applied.in_backoff);
+    ctx.set_in_backoff(key.clone(), applied.failing_since.is_some());
     ctx.metrics.set_schedule(&key.0, &key.1, applied.schedule);
+    ctx.metrics
+        .set_failing_since(&key.0, &key.1, applied.failing_since);
     Ok(applied.action)
 }
 
@@ -213,6 +215,7 @@ async fn cleanup(token: &AwxToken, ctx: &Context) -> Result<Action, Error> {
     }
     let key = key_of(token);
     ctx.metrics.set_schedule(&key.0, &key.1, None);
+    ctx.metrics.set_failing_since(&key.0, &key.1, None);
     ctx.set_in_backoff(key.clone(), false);
     lock(&ctx.api_errors).remove(&key);
     Ok(Action::await_change())

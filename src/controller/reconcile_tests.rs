@@ -18,7 +18,7 @@ use super::FINALIZER;
 use crate::{
     crd::{AwxToken, ROTATE_ANNOTATION, SKIP_REVOKE_ANNOTATION},
     fixtures::{self as fx, Harness, Reply, Run, get, patch, post, put},
-    state::{Sensitive, TokenState},
+    state::{FailureRecord, Sensitive, TokenState},
 };
 
 const ACCESS: &str = "Qm7rT2vX9kLpA4sZ8nB1cD5eF3gH6j";
@@ -233,6 +233,27 @@ fn assert_server_side_apply(run: &Run, path: &str) {
 fn between(t: Timestamp, from: Timestamp, to: Timestamp) -> bool {
     from <= t && t <= to
 }
+
+/// The samples of the metrics exposition whose series starts with `prefix`: the series with
+/// its labels, and the value.
+fn series(h: &Harness, prefix: &str) -> Vec<(String, f64)> {
+    h.ctx
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn unix_seconds(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
+const FAILING_SINCE: &str = "awx_token_operator_renewal_failing_since_timestamp_seconds{namespace=\"apps\",name=\"ci-bot\"}";
 
 fn ago(hours: i64) -> Timestamp {
     Timestamp::now() - SignedDuration::from_hours(hours)
@@ -679,6 +700,77 @@ async fn replaced_token_is_revoked_and_verified_dead_after_the_grace_period() {
     assert!(ready["status"].get("pendingRevocations").is_none());
     run.assert_not_leaked(&SECRET_VALUES);
     assert_eq!(run.action(), &Action::requeue(Duration::from_secs(3600)));
+    assert_eq!(
+        series(&h, "awx_token_operator_revocations_total"),
+        [(
+            "awx_token_operator_revocations_total{flavor=\"Controller\",outcome=\"revoked\"}"
+                .into(),
+            1.0
+        )]
+    );
+}
+
+#[tokio::test]
+async fn a_refused_revocation_is_counted_as_failed_and_retried_later() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut state = fx::state_of(&world.state);
+    let mut old = state
+        .current
+        .clone()
+        .expect("a current token")
+        .retire(ago(0) - SignedDuration::from_secs(1));
+    old.token.access_token = Sensitive::new(OLD_ACCESS);
+    old.token.refresh_token = Some(Sensitive::new(OLD_REFRESH));
+    state.retiring.push(old);
+    let mut token = world.token;
+    if let Some(status) = token.status.as_mut() {
+        status.pending_revocations = 1;
+    }
+    Mock::given(method("POST"))
+        .and(path("/api/o/revoke_token/"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("<h1>Server Error (500)</h1>"))
+        .mount(h.awx())
+        .await;
+
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+            ],
+        )
+        .await;
+
+    assert_eq!(run.awx(Method::POST, "/api/o/revoke_token/").len(), 1);
+    assert_eq!(event_reason(&run), "RevocationFailed");
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert_eq!(saved.retiring.len(), 1);
+    assert_eq!(saved.retiring[0].failed_attempts, 1);
+    // The status already says one revocation is pending: nothing to write there.
+    assert!(run.kube(Method::PATCH, STATUS).is_empty());
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(4)..=Duration::from_secs(6)).contains(&requeue),
+        "retried after the first backoff: {requeue:?}"
+    );
+    assert_eq!(
+        series(&h, "awx_token_operator_revocations_total"),
+        [(
+            "awx_token_operator_revocations_total{flavor=\"Controller\",outcome=\"failed\"}".into(),
+            1.0
+        )]
+    );
+    // A failed revocation is not a failure to obtain a token: the object is not in backoff.
+    assert_eq!(
+        series(&h, "awx_token_operator_objects_in_backoff"),
+        [("awx_token_operator_objects_in_backoff".into(), 0.0)]
+    );
+    assert!(series(&h, "awx_token_operator_renewal_failing_since").is_empty());
 }
 
 #[tokio::test]
@@ -927,6 +1019,20 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
     );
     assert_eq!(failed["status"]["failedAttempts"], 1);
     assert_eq!(failed["status"]["lastFailureMessage"], ready["message"]);
+    assert_eq!(
+        failure.since,
+        Some(failure.at),
+        "the first failure starts the streak"
+    );
+    let since_series = (FAILING_SINCE.to_string(), unix_seconds(failure.at));
+    assert_eq!(
+        series(&h, "awx_token_operator_renewal_failing_since"),
+        std::slice::from_ref(&since_series)
+    );
+    assert_eq!(
+        series(&h, "awx_token_operator_objects_in_backoff"),
+        [("awx_token_operator_objects_in_backoff".into(), 1.0)]
+    );
     let event = last_body(&run, Method::POST, EVENTS);
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "InvalidCredentials");
@@ -949,6 +1055,11 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
         )
         .await;
     assert!(run.awx(Method::POST, "/api/o/token/").is_empty());
+    // A new process reports the streak from the state, not from its own start.
+    assert_eq!(
+        series(&h, "awx_token_operator_renewal_failing_since"),
+        [since_series]
+    );
     let rewritten = last_body(&run, Method::PATCH, STATUS);
     assert_eq!(rewritten["status"]["failedAttempts"], 1);
     assert_eq!(
@@ -1039,6 +1150,75 @@ async fn a_rotation_during_an_outage_tries_once_then_backs_off() {
         )
         .await;
     assert_eq!(run.timeline().len(), 3, "{:?}", run.timeline());
+}
+
+#[tokio::test]
+async fn a_further_failure_keeps_the_start_of_the_streak() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut token = world.token;
+    token
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(ROTATE_ANNOTATION.into(), "1".into());
+    let start = ago(2);
+    let mut state = fx::state_of(&world.state);
+    state.failure = Some(FailureRecord {
+        attempts: 3,
+        at: ago(1),
+        since: Some(start),
+        reason: "AwxServerError".into(),
+        message: "AWX answered 500".into(),
+        retryable: true,
+        inputs: state
+            .current
+            .as_ref()
+            .expect("a current token")
+            .inputs
+            .clone(),
+        rotation: Some("1".into()),
+    });
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("<h1>Server Error (500)</h1>"))
+        .mount(h.awx())
+        .await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    // The backoff after three failures an hour ago is over: one more attempt, refused.
+    assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    let failure = saved.failure.expect("a failure record");
+    assert_eq!(failure.attempts, 4);
+    assert!(
+        failure.at > start + SignedDuration::from_hours(1),
+        "{failure:?}"
+    );
+    assert_eq!(failure.since, Some(start));
+    assert_eq!(
+        series(&h, "awx_token_operator_renewal_failing_since"),
+        [(FAILING_SINCE.to_string(), unix_seconds(start))]
+    );
+    assert_eq!(
+        series(&h, "awx_token_operator_renewal_failures_total"),
+        [(
+            "awx_token_operator_renewal_failures_total{reason=\"AwxServerError\"}".into(),
+            1.0
+        )]
+    );
 }
 
 // ------------------------------------------------------------------ interrupted requests

@@ -5,7 +5,9 @@
 //!
 //! The test API server is Kubernetes 1.20: it rejects the CEL rules of the chart's CRD, so the
 //! suite applies `awx-token-operator crd --without-cel` (Env::start) and installs with
-//! `--skip-crds`. It has no prometheus-operator, so the ServiceMonitor is left out of dry runs.
+//! `--skip-crds`. It has no prometheus-operator, so the ServiceMonitor and the PrometheusRule
+//! are left out of dry runs; the rules are checked and unit-tested with promtool instead, and
+//! the dashboard's and the rules' queries against the names the operator exports.
 
 use std::{
     collections::BTreeSet,
@@ -21,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::support::{
-    Env, Operator, TestResult, condition, repo_root, run_tool, sha256_hex, wait_for,
+    Env, Operator, TestResult, condition, repo_root, run_tool, sha256_hex, skip, wait_for,
 };
 
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -286,6 +288,10 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
         "--set",
         "metrics.serviceMonitor.enabled=true",
         "--set",
+        "metrics.dashboard.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
         "podDisruptionBudget.enabled=true",
         "--set-json",
         r#"allowedAwxHosts=["awx.example.com","*.aap.example.com:8443"]"#,
@@ -357,7 +363,16 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
             expected.extend([
                 ("ServiceMonitor", ops.as_str()),
                 ("PodDisruptionBudget", ops.as_str()),
+                ("ConfigMap", ops.as_str()),
+                ("PrometheusRule", ops.as_str()),
             ]);
+            // The per-AwxToken series' own `namespace` label wins over the target's.
+            let monitor = find(&docs, "ServiceMonitor", Some(&ops))[0];
+            ensure_eq!(
+                monitor["spec"]["endpoints"][0]["honorLabels"],
+                json!(true),
+                "{case}: ServiceMonitor honorLabels"
+            );
         }
         ensure_eq!(kinds(&docs), owned(&expected), "{case}: rendered objects");
 
@@ -426,11 +441,11 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
             );
         }
 
-        // The test API server has no ServiceMonitor CRD (prometheus-operator): that one
-        // document is left out of the dry run.
+        // The test API server has no prometheus-operator CRDs: the ServiceMonitor and the
+        // PrometheusRule are left out of the dry run.
         let to_apply: Vec<Value> = docs
             .iter()
-            .filter(|d| d["kind"] != "ServiceMonitor")
+            .filter(|d| d["kind"] != "ServiceMonitor" && d["kind"] != "PrometheusRule")
             .cloned()
             .collect();
         server_dry_run(&env, &to_apply, case)?;
@@ -445,6 +460,8 @@ pub async fn chart_lint_template_and_server_dry_run(env: Arc<Env>) -> TestResult
             "readOnlyRootFileSystem",
         ),
         ("metrics.serviceMonitor.enable=true", "enable"),
+        ("metrics.prometheusRule.enable=true", "enable"),
+        ("metrics.dashboard.enabled=yes", "enabled"),
         ("logFormat=xml", "logFormat"),
         (
             "allowedAwxHosts[0]=https://awx.example.com",
@@ -1239,5 +1256,385 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
         .filter(|d| d["kind"] != "CustomResourceDefinition")
         .collect();
     server_dry_run(&env, &to_apply, "deploy/")?;
+    Ok(())
+}
+
+/// The metric names a PromQL expression selects: its identifiers that are not functions or
+/// aggregations (followed by `(` or by `by`/`without`), keywords, label names (inside `{}` or
+/// the `()` after by/without/on/ignoring/group_left/group_right), strings, numbers or
+/// durations, or Grafana variables.
+fn promql_metric_names(expr: &str) -> BTreeSet<String> {
+    const LABEL_LISTS: [&str; 6] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    const KEYWORDS: [&str; 5] = ["bool", "and", "or", "unless", "offset"];
+    let chars: Vec<char> = expr.chars().collect();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    // The index after the closing `close` (quoted strings inside skipped).
+    let skip_to = |mut i: usize, close: char| {
+        while i < chars.len() && chars[i] != close {
+            if matches!(chars[i], '"' | '\'' | '`') {
+                let quote = chars[i];
+                i += 1;
+                while i < chars.len() && chars[i] != quote {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+            }
+            i += 1;
+        }
+        i + 1
+    };
+    let mut names = BTreeSet::new();
+    let mut previous = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if matches!(c, '"' | '\'' | '`') {
+            i = skip_to(i + 1, c);
+            previous.clear();
+        } else if c == '{' {
+            i = skip_to(i + 1, '}');
+        } else if c == '[' {
+            i = skip_to(i + 1, ']');
+        } else if c == '(' && LABEL_LISTS.contains(&previous.as_str()) {
+            i = skip_to(i + 1, ')');
+            previous.clear();
+        } else if c.is_ascii_digit() || c == '.' || c == '$' {
+            i += 1;
+            while i < chars.len() && (ident(chars[i]) || chars[i] == '.') {
+                i += 1;
+            }
+            previous.clear();
+        } else if ident(c) {
+            let start = i;
+            while i < chars.len() && ident(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut j = i;
+            while j < chars.len() && chars[j].is_whitespace() {
+                j += 1;
+            }
+            let rest: String = chars[j..].iter().take(8).collect();
+            let called = rest.starts_with('(')
+                || ["by", "without"].iter().any(|k| {
+                    rest.strip_prefix(k)
+                        .is_some_and(|r| r.starts_with(|c: char| c == '(' || c.is_whitespace()))
+                });
+            if !called
+                && !LABEL_LISTS.contains(&word.as_str())
+                && !KEYWORDS.contains(&word.as_str())
+            {
+                names.insert(word.clone());
+            }
+            previous = word;
+        } else {
+            i += 1;
+            previous.clear();
+        }
+    }
+    names
+}
+
+/// The documents helm renders for release "alerts" in namespace "ops" with `values`.
+fn render_alerts_release(env: &Env, values: &[&str]) -> Result<Vec<Value>, String> {
+    let chart = chart_dir();
+    let mut args = vec!["template", "alerts", &chart, "--namespace", "ops"];
+    args.extend(values);
+    documents(&helm(env, &args)?)
+}
+
+const DASHBOARD_AND_RULE: [&str; 4] = [
+    "--set",
+    "metrics.dashboard.enabled=true",
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+];
+
+/// The dashboard ConfigMap is what Grafana's sidecar loads, and every query of the dashboard
+/// and of the alerts names only series the operator exports (families without samples
+/// included); the alerts' selector follows the value.
+pub async fn chart_dashboard_and_alerts_query_only_exported_metrics(env: Arc<Env>) -> TestResult {
+    // The extractor itself, on expressions of the kinds the dashboard and the rules use.
+    for (expr, want) in [
+        (
+            r#"histogram_quantile(0.99, sum by (endpoint, le) (rate(a_bucket{job=~"$job"}[$__rate_interval])))"#,
+            vec!["a_bucket"],
+        ),
+        (
+            "(max by (namespace, name) (b{job=\"x\"}) - time() < 86400) and on (namespace, name) (max(c) < time())",
+            vec!["b", "c"],
+        ),
+        (
+            "absent(up{job=\"x\",pod=~\"a|}\"} == 1) or sum without (pod) (d) > bool 0 unless e offset 5m",
+            vec!["d", "e", "up"],
+        ),
+    ] {
+        let want: BTreeSet<String> = want.into_iter().map(str::to_string).collect();
+        ensure_eq!(promql_metric_names(expr), want, "metric names of {expr}");
+    }
+
+    let exported = awx_token_operator::metrics::Metrics::new()
+        .series_names()
+        .clone();
+    let docs = render_alerts_release(&env, &DASHBOARD_AND_RULE)?;
+
+    // The dashboard, as the sidecar finds it.
+    let maps = find(&docs, "ConfigMap", Some("ops"));
+    ensure_eq!(maps.len(), 1, "one dashboard ConfigMap");
+    let map = maps[0];
+    ensure_eq!(
+        map["metadata"]["labels"]["grafana_dashboard"],
+        json!("1"),
+        "the sidecar's label"
+    );
+    let data = map["data"].as_object().ok_or("the ConfigMap has no data")?;
+    ensure_eq!(
+        data.keys().collect::<Vec<_>>(),
+        vec!["awx-token-operator.json"],
+        "ConfigMap keys"
+    );
+    let text = data["awx-token-operator.json"]
+        .as_str()
+        .ok_or("dashboard is not a string")?;
+    let dashboard: Value =
+        serde_json::from_str(text).map_err(|e| format!("the dashboard is not JSON: {e}"))?;
+    let file = fs::read_to_string(
+        repo_root().join("charts/awx-token-operator/dashboards/awx-token-operator.json"),
+    )
+    .map_err(|e| e.to_string())?;
+    ensure_eq!(
+        text.trim_end(),
+        file.trim_end(),
+        "the ConfigMap carries the dashboard file unchanged"
+    );
+    ensure_eq!(
+        dashboard["uid"],
+        json!("awx-token-operator"),
+        "dashboard uid"
+    );
+    let panels = dashboard["panels"].as_array().ok_or("no panels")?;
+    let mut ids = BTreeSet::new();
+    let mut used = BTreeSet::new();
+    let mut queries = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or_default();
+        ensure!(!title.is_empty(), "a panel without a title: {panel}");
+        ensure!(
+            ids.insert(panel["id"].as_u64().ok_or("a panel without an id")?),
+            "panel id {} twice",
+            panel["id"]
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        ensure_eq!(
+            panel["datasource"]["uid"],
+            json!("${datasource}"),
+            "{title}: the datasource variable"
+        );
+        let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+        ensure!(!targets.is_empty(), "{title}: no query");
+        for target in &targets {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            let names = promql_metric_names(expr);
+            ensure!(
+                !names.is_empty(),
+                "{title}: a query without a metric: {expr:?}"
+            );
+            ensure!(
+                expr.matches("awx_token_operator_").count()
+                    == expr.matches("{job=~\"$job\"}").count(),
+                "{title}: every series selected by the job variable: {expr}"
+            );
+            used.extend(names);
+            queries += 1;
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            let metric = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.split(',').next())
+                .ok_or_else(|| {
+                    format!("variable query {query:?} is not label_values(metric, label)")
+                })?;
+            used.insert(metric.trim().to_string());
+        }
+    }
+    ensure!(queries >= 20, "dashboard queries: {queries}");
+    let unknown: Vec<_> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    ensure_eq!(
+        unknown,
+        Vec::<&String>::new(),
+        "dashboard series the operator does not export"
+    );
+    for shown in [
+        "awx_token_operator_tokens_issued_total",
+        "awx_token_operator_tokens_renewed_total",
+        "awx_token_operator_revocations_total",
+        "awx_token_operator_renewal_failures_total",
+        "awx_token_operator_verifications_total",
+        "awx_token_operator_restarts_total",
+        "awx_token_operator_awx_requests_total",
+        "awx_token_operator_awx_request_duration_seconds_bucket",
+        "awx_token_operator_objects_in_backoff",
+        "awx_token_operator_token_expiry_timestamp_seconds",
+        "awx_token_operator_leader",
+        "awx_token_operator_reconcile_errors_total",
+    ] {
+        ensure!(used.contains(shown), "the dashboard does not show {shown}");
+    }
+
+    // The alerts.
+    let rules = find(&docs, "PrometheusRule", Some("ops"));
+    ensure_eq!(rules.len(), 1, "one PrometheusRule");
+    ensure_eq!(
+        rules[0]["apiVersion"],
+        json!("monitoring.coreos.com/v1"),
+        "PrometheusRule API"
+    );
+    let mut alerts = Vec::new();
+    for rule in rules[0]["spec"]["groups"][0]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let alert = rule["alert"].as_str().unwrap_or_default().to_string();
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        let names = promql_metric_names(expr);
+        ensure!(!names.is_empty(), "{alert}: no metric in {expr:?}");
+        for name in &names {
+            ensure!(
+                exported.contains(name) || name == "up",
+                "{alert}: {name} is neither exported by the operator nor Prometheus's up"
+            );
+        }
+        ensure_eq!(
+            expr.matches('{').count(),
+            expr.matches("{job=\"alerts-awx-token-operator-metrics\"}")
+                .count(),
+            "{alert}: every selector is the release's job: {expr}"
+        );
+        for annotation in ["summary", "description"] {
+            ensure!(
+                rule["annotations"][annotation]
+                    .as_str()
+                    .is_some_and(|a| a.len() > 20),
+                "{alert}: no {annotation}"
+            );
+        }
+        ensure!(
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("warning" | "critical")
+            ),
+            "{alert}: severity {}",
+            rule["labels"]["severity"]
+        );
+        alerts.push(alert);
+    }
+    ensure_eq!(
+        alerts,
+        vec![
+            "AwxTokenExpiresWithinADay",
+            "AwxTokenRenewalFailing",
+            "AwxTokenObjectsInBackoff",
+            "AwxTokenOperatorDown",
+            "AwxTokenOperatorNoLeader",
+        ],
+        "alerts"
+    );
+
+    // Another scrape job: the selector value replaces the release's job everywhere.
+    let mut values = DASHBOARD_AND_RULE.to_vec();
+    values.extend([
+        "--set-json",
+        r#"metrics.prometheusRule.selector="job=\"awx\",namespace=\"ops\"""#,
+    ]);
+    let docs = render_alerts_release(&env, &values)?;
+    let rule = find(&docs, "PrometheusRule", Some("ops"))[0];
+    for r in rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let expr = r["expr"].as_str().unwrap_or_default();
+        ensure!(
+            expr.contains("{job=\"awx\",namespace=\"ops\"}") && !expr.contains("-metrics"),
+            "{}: the selector value: {expr}",
+            r["alert"]
+        );
+    }
+    // Off by default.
+    let docs = render_alerts_release(&env, &[])?;
+    ensure!(
+        find(&docs, "ConfigMap", Some("ops")).is_empty()
+            && find(&docs, "PrometheusRule", Some("ops")).is_empty(),
+        "dashboard and alerts are off by default"
+    );
+    Ok(())
+}
+
+/// The rendered PrometheusRule's spec passes `promtool check rules`, and
+/// tests/e2e/prometheus-rule-tests.yaml (each alert firing on some series and not on others,
+/// with its exact labels and annotations) passes `promtool test rules`. Skipped, saying so,
+/// without promtool, except under CI (whose .ci/run installs it), where it fails.
+pub async fn chart_alerts_pass_promtool_check_and_unit_tests(env: Arc<Env>) -> TestResult {
+    let promtool = |dir: &Path, args: &[&str]| {
+        Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+    };
+    let dir = env.run_dir.join("chart-alerts");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    if let Err(e) = promtool(&dir, &["--version"]) {
+        if std::env::var_os("CI").is_some() {
+            return Err(format!(
+                "promtool: {e} (.ci/run installs Debian's prometheus)"
+            ));
+        }
+        return skip(format!("promtool: {e} (apt-get install prometheus)"));
+    }
+    let docs = render_alerts_release(&env, &DASHBOARD_AND_RULE)?;
+    let rule = find(&docs, "PrometheusRule", Some("ops"))
+        .first()
+        .copied()
+        .ok_or("no PrometheusRule")?;
+    let spec = serde_yaml::to_string(&rule["spec"]).map_err(|e| e.to_string())?;
+    fs::write(dir.join("rules.yaml"), spec).map_err(|e| e.to_string())?;
+    fs::copy(
+        repo_root().join("tests/e2e/prometheus-rule-tests.yaml"),
+        dir.join("prometheus-rule-tests.yaml"),
+    )
+    .map_err(|e| e.to_string())?;
+    for (args, want) in [
+        (["check", "rules", "rules.yaml"], "SUCCESS: 5 rules found"),
+        (["test", "rules", "prometheus-rule-tests.yaml"], "SUCCESS"),
+    ] {
+        let out = promtool(&dir, &args).map_err(|e| e.to_string())?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success() && text.contains(want),
+            "promtool {}: {text}",
+            args.join(" ")
+        );
+    }
     Ok(())
 }

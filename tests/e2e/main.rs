@@ -83,6 +83,8 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(chart::chart_rbac_namespaced_install_runs_the_operator),
         scenario!(chart::chart_rbac_cluster_wide_install_runs_the_operator),
         scenario!(chart::chart_examples_and_plain_manifests_pass_server_dry_run),
+        scenario!(chart::chart_dashboard_and_alerts_query_only_exported_metrics),
+        scenario!(chart::chart_alerts_pass_promtool_check_and_unit_tests),
         scenario!(image::image_runs_as_the_chart_deploys_it),
         scenario!(reliability::crash_torture_kills_never_break_or_leak_tokens),
         scenario!(reliability::crash_torture_gateway_kills_never_break_or_leak_tokens),

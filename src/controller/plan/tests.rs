@@ -95,6 +95,7 @@ fn failure(attempts: u32, at: Timestamp, retryable: bool) -> FailureRecord {
     FailureRecord {
         attempts,
         at,
+        since: None,
         reason: if retryable {
             "AwxServerError"
         } else {
