@@ -186,6 +186,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         concurrency: args.concurrency.max(1),
         identity: controller::process_identity(&identity),
         shard_selector: args.shard_selector.clone().filter(|s| !s.is_empty()),
+        started_at: Some(jiff::Timestamp::now()),
     };
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
     info!(namespace = ?args.namespace, shard = ?args.shard_selector, leader_elect = args.leader_elect, %identity, "starting");

@@ -509,7 +509,9 @@ mod tests {
             })
             .inc();
         m.rollouts
-            .get_or_create(&OutcomeLabels { outcome: "finished" })
+            .get_or_create(&OutcomeLabels {
+                outcome: "finished",
+            })
             .inc();
         m.observe("token", Some(201), Duration::from_millis(20));
         m.set_schedule("apps", "ci-bot", Some((Some(2.0e9), 1.9e9)));

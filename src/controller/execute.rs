@@ -172,6 +172,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             },
             holder: &settings.identity,
             rollout_checked: self.rollout_checked,
+            started_at: settings.started_at,
         }
     }
 

@@ -72,6 +72,9 @@ pub struct Settings {
     pub identity: String,
     /// Reconcile only the AwxTokens this label selector matches (one shard of several).
     pub shard_selector: Option<String>,
+    /// When this process started: verifications that came due while no operator ran are
+    /// spread over the first minutes after it (see `plan::verification_due`).
+    pub started_at: Option<Timestamp>,
 }
 
 impl Default for Settings {
@@ -85,6 +88,7 @@ impl Default for Settings {
             concurrency: 16,
             identity: process_identity("awx-token-operator"),
             shard_selector: None,
+            started_at: None,
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct Facts<'a> {
     pub holder: &'a str,
     /// The restarted workloads' rollouts were looked at in this reconcile.
     pub rollout_checked: bool,
+    /// When this operator process started, if it says.
+    pub started_at: Option<Timestamp>,
 }
 
 /// What the credentials allow.
@@ -484,6 +486,10 @@ fn revocable_here(f: &Facts<'_>, r: &RetiringToken) -> bool {
         .is_some_and(|u| host_allowed(f, &crate::spec::host_of(&u)))
 }
 
+/// Verifications due when the process starts are spread over this long (or verifyEvery, if
+/// shorter).
+pub const VERIFY_SPREAD: Duration = Duration::from_secs(60);
+
 /// When the current token is next to be verified, if verification is on.
 pub fn verification_due(f: &Facts<'_>, valid: &ValidSpec) -> Option<Timestamp> {
     let every = valid.verify_every?;
@@ -496,6 +502,18 @@ pub fn verification_due(f: &Facts<'_>, valid: &ValidSpec) -> Option<Timestamp> {
         .unwrap_or(current.issued_at)
         .max(current.issued_at);
     let mut due = schedule::add(last, every);
+    if let Some(started) = f.started_at
+        && due < schedule::add(started, VERIFY_SPREAD.min(every))
+    {
+        // Came due while no operator ran (or just after it started): spread over the first
+        // minute of this process by the object's own jitter, so that a restart of the
+        // operator is no burst of verifications. The last verification is in the state, so
+        // those done before the restart are not repeated.
+        let spread = VERIFY_SPREAD
+            .min(every)
+            .mul_f64(decide::jitter(&[f.uid, "verify"]));
+        due = due.max(schedule::add(started, spread));
+    }
     if let Some(failed) = current.verify_failed_at
         && failed > last
     {

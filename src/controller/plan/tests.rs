@@ -121,6 +121,7 @@ struct World {
     target: Target,
     inputs: Result<(String, Option<String>, bool), (String, String)>,
     rollout_checked: bool,
+    started_at: Option<Timestamp>,
 }
 
 impl World {
@@ -136,6 +137,7 @@ impl World {
             target: Target::Writable { up_to_date: false },
             inputs: Ok(("fp".into(), Some("app".into()), true)),
             rollout_checked: false,
+            started_at: None,
         }
     }
 
@@ -171,6 +173,7 @@ impl World {
                 Err((reason, message)) => Err(Blocker { reason, message }),
             },
             rollout_checked: self.rollout_checked,
+            started_at: self.started_at,
             backoff: Backoff {
                 base: Duration::from_secs(5),
                 max: Duration::from_secs(300),
@@ -648,4 +651,34 @@ fn without_restart_targets_an_owed_restart_is_forgotten_and_the_grace_period_rul
     assert_eq!(w.next(), Next::Done(Wake::At(t(60))));
     w.now = t(60);
     assert_eq!(w.next(), Next::Revoke(0));
+}
+
+#[test]
+fn verifications_due_at_a_process_start_are_spread_over_its_first_minute() {
+    let mut w = World::healthy();
+    w.respec(serde_json::json!({"renewal": {"verifyEvery": "10m"}}));
+    // Verified 30 minutes ago: due 20 minutes ago, while no operator ran.
+    w.state.current.as_mut().unwrap().verified_at = Some(t(-1800));
+    w.started_at = Some(t(0));
+    let due = |w: &World| super::verification_due(&w.facts(), w.valid.as_ref().unwrap()).unwrap();
+    let at = due(&w);
+    assert!(at > t(0) && at < t(60), "{at}");
+    w.now = at;
+    assert_eq!(w.next(), Next::Verify);
+    // Another object has its own place in that minute.
+    let spread: std::collections::BTreeSet<Timestamp> = (0..20)
+        .map(|i| {
+            let uid = format!("uid-{i}");
+            let f = Facts {
+                uid: &uid,
+                ..w.facts()
+            };
+            super::verification_due(&f, w.valid.as_ref().unwrap()).unwrap()
+        })
+        .collect();
+    assert!(spread.len() >= 18, "{spread:?}");
+    assert!(spread.iter().all(|at| *at > t(0) && *at < t(60)));
+    // Due well after the start: as scheduled.
+    w.state.current.as_mut().unwrap().verified_at = Some(t(300));
+    assert_eq!(due(&w), t(900));
 }
