@@ -741,11 +741,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         if obtain.trigger.is_renewal() {
             metrics.tokens_renewed.get_or_create(&labels).inc();
         }
+        // One reason per cause: events are aggregated by reason (a repeat only counts up, its
+        // note is not shown), so a rotation must not read as the first issue or a renewal.
         let (reason, what) = match (&obtain.trigger, refreshed) {
             (_, true) => ("TokenRefreshed", "Token refreshed"),
             (Trigger::Initial, _) => ("TokenIssued", "Token issued"),
-            (Trigger::InputsChanged, _) => ("TokenReissued", "Token re-issued"),
-            _ => ("TokenRenewed", "Token renewed"),
+            (Trigger::InputsChanged | Trigger::ChainBroken, _) => {
+                ("TokenReissued", "Token re-issued")
+            }
+            (Trigger::Forced(_), _) => ("TokenRotated", "Token rotated"),
+            (Trigger::Rejected, _) => ("TokenReplaced", "Token replaced"),
+            (Trigger::Due, _) => ("TokenRenewed", "Token renewed"),
         };
         self.env
             .cluster

@@ -421,6 +421,21 @@ pub async fn restarts_each_kind_once_and_the_old_token_waits_for_the_rollout(
                 .any(|e| e.0 == "AwxToken" && e.3 == "RolloutFinished" && e.2 == "Normal"),
             "a RolloutFinished event"
         );
+        // The rotation has a reason of its own, not the first issue's.
+        for (reason, note) in [
+            ("TokenIssued", "Token issued (first issue)"),
+            (
+                "TokenRotated",
+                "Token rotated (rotation requested by annotation)",
+            ),
+        ] {
+            ensure!(
+                all.iter()
+                    .any(|e| e.0 == "AwxToken" && e.1 == "x" && e.3 == reason && e.4 == note),
+                "a {reason} event: {:?}",
+                all.iter().filter(|e| e.0 == "AwxToken").collect::<Vec<_>>()
+            );
+        }
         ensure_eq!(
             metric(
                 &s.op,
