@@ -77,6 +77,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(consumers::consumers_awx_cli_reads_the_preset_secret_and_templates_render_exactly),
         scenario!(consumers::consumers_credential_key_names_extra_keys_and_wide_columns),
         scenario!(verify::verify_every_replaces_a_token_deleted_in_awx_and_shrugs_off_a_500),
+        scenario!(verify::renewal_before_expiry_percentage_and_refresh_lifetime_set_the_renewal),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),

@@ -130,3 +130,100 @@ pub async fn verify_every_replaces_a_token_deleted_in_awx_and_shrugs_off_a_500(
     wait_ready(&env, &ns, "v", "True", Some("TokenReady")).await?;
     Ok(())
 }
+
+/// Seconds between two RFC 3339 times of a status (stored to the second).
+fn seconds_between(obj: &Value, from: &str, to: &str) -> Result<f64, String> {
+    let at = |field: &str| -> Result<f64, String> {
+        obj["status"][field]
+            .as_str()
+            .ok_or_else(|| format!("no status.{field}"))?
+            .parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond() as f64 / 1000.0)
+            .map_err(|e| e.to_string())
+    };
+    Ok(at(to)? - at(from)?)
+}
+
+/// renewBefore, renewBeforePercentage and refreshTokenLifetime each set the renewal time the
+/// status reports (less the jitter: at most a tenth of the time to it), and the renewal then
+/// happens: against an AWX whose access tokens live 60 s.
+pub async fn renewal_before_expiry_percentage_and_refresh_lifetime_set_the_renewal(
+    env: Arc<Env>,
+) -> TestResult {
+    let awx = env.private_standin("schedule", "awx")?;
+    awx.set_lifetimes(Some(60), None).await?;
+    let s = setup_with(&env, "e2e-schedule", awx, &[]).await?;
+    let ns = s.ns.clone();
+    let cases = [
+        ("fixed", json!({"renewBefore": "45s"})),
+        ("share", json!({"renewBeforePercentage": 50})),
+        (
+            "refresh",
+            json!({"strategy": "Refresh", "refreshTokenLifetime": "20s"}),
+        ),
+    ];
+    let mut tokens = Vec::new();
+    for (name, renewal) in &cases {
+        let (_, token) = s
+            .issue(
+                &env,
+                name,
+                &format!("creds-{name}"),
+                json!({"renewal": renewal}),
+            )
+            .await?;
+        tokens.push(token);
+    }
+    for ((name, _), token) in cases.iter().zip(&tokens) {
+        let obj = env.awx_token(&ns, name).await?.ok_or("gone")?;
+        // issuedAt is when the operator recorded the token (after its grant and tagging),
+        // AWX's expiry counts from AWX's creation: a little under 60 s apart.
+        let lifetime = seconds_between(&obj, "issuedAt", "expiresAt")?;
+        ensure!(
+            (55.0..=61.0).contains(&lifetime),
+            "{name}: AWX's lifetime {lifetime} s"
+        );
+        // Seconds from the issue to the renewal, before the jitter.
+        let after = match *name {
+            "fixed" => lifetime - 45.0,
+            "share" => lifetime * 0.5,
+            _ => {
+                let dies = seconds_between(&obj, "issuedAt", "refreshTokenExpiresAt")?;
+                ensure!(
+                    (19.0..=21.0).contains(&dies),
+                    "refresh token dies {dies} s after the issue (refreshTokenLifetime 20s)"
+                );
+                dies - 2.0
+            }
+        };
+        let renews = seconds_between(&obj, "issuedAt", "renewalTime")?;
+        // Times are stored to the second: one second either way, and the jitter below.
+        ensure!(
+            (after - after / 10.0 - 1.0..=after + 1.0).contains(&renews),
+            "{name}: renewal {renews} s after the issue, expected {after} s less up to a tenth"
+        );
+        let renewed = wait_token(&env, &ns, name, Some(token)).await?;
+        env.remember_secret(&renewed);
+        ensure_eq!(
+            s.awx.whoami(&renewed).await?,
+            Some(s.user.clone()),
+            "{name}: the renewed token works"
+        );
+    }
+    let events: Value =
+        serde_json::from_str(&env.kubectl(&["get", "events", "-n", &ns, "-o", "json"])?)
+            .map_err(|e| e.to_string())?;
+    for (name, reason) in [
+        ("fixed", "TokenRenewed"),
+        ("share", "TokenRenewed"),
+        ("refresh", "TokenRefreshed"),
+    ] {
+        ensure!(
+            events["items"].as_array().is_some_and(|a| a
+                .iter()
+                .any(|e| { e["involvedObject"]["name"] == name && e["reason"] == reason })),
+            "{name}: a {reason} event"
+        );
+    }
+    Ok(())
+}
