@@ -464,7 +464,8 @@ pub async fn restarts_each_kind_once_and_the_old_token_waits_for_the_rollout(
 }
 
 /// Two AwxTokens feed one Deployment and rotate together: one restart, after both changed
-/// (the second finds the first's restart stamped after its own change).
+/// (the second finds the first's restart stamped after its own change). A change soon after
+/// waits for minInterval.
 pub async fn restarts_two_tokens_feeding_one_workload_share_one_restart(
     env: Arc<Env>,
 ) -> TestResult {
@@ -475,7 +476,7 @@ pub async fn restarts_two_tokens_feeding_one_workload_share_one_restart(
     env.apply(&deployment(&ns, "shared", 1, "0"))?;
     let spec = json!({
         "rolloutRestartTargets": [{"kind": "Deployment", "name": "shared"}],
-        "rolloutRestart": {"delay": "10s"},
+        "rolloutRestart": {"delay": "10s", "minInterval": "25s"},
     });
     let (_, a) = s.issue(&env, "a", "creds-a", spec.clone()).await?;
     let (_, b) = s.issue(&env, "b", "creds-b", spec).await?;
@@ -515,6 +516,32 @@ pub async fn restarts_two_tokens_feeding_one_workload_share_one_restart(
         )
         .await?;
     }
+
+    // Another change soon after: the restart waits for minInterval (25 s) since the last one.
+    let stamp = |w: (i64, Option<String>)| -> Result<f64, String> {
+        w.1.ok_or("not stamped")?
+            .parse::<jiff::Timestamp>()
+            .map(|t| t.as_millisecond() as f64 / 1000.0)
+            .map_err(|e| e.to_string())
+    };
+    let last = stamp(workload(&env, &ns, "deployment", "shared")?)?;
+    rotate(&env, &ns, &["a"], "2")?;
+    let a3 = wait_token(&env, &ns, "a", Some(&a2)).await?;
+    env.remember_secret(&a3);
+    wait_condition(&env, &ns, "a", CONSUMERS, "False", "RestartPending").await?;
+    wait_condition(&env, &ns, "a", CONSUMERS, "True", "UpToDate").await?;
+    let shared = workload(&env, &ns, "deployment", "shared")?;
+    ensure_eq!(shared.0, 3, "one more restart");
+    let next = stamp(shared)?;
+    println!(
+        "    restarts of one workload {:.1} s apart (minInterval 25s)",
+        next - last
+    );
+    ensure!(
+        (25.0..).contains(&(next - last)),
+        "restarted {:.1} s after the last restart: minInterval is 25 s",
+        next - last
+    );
     Ok(())
 }
 
