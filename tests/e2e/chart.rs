@@ -1089,7 +1089,12 @@ pub async fn chart_rbac_namespaced_install_runs_the_operator(env: Arc<Env>) -> T
             false,
         ),
         (vec!["patch", "deployments.apps", "-n", &other], false),
-        (vec!["get", "deployments.apps", "-n", &apps], false),
+        // Restart targets are read (who restarted them, whether the rollout finished).
+        (vec!["get", "deployments.apps", "-n", &apps], true),
+        (vec!["list", "statefulsets.apps", "-n", &apps], true),
+        (vec!["get", "daemonsets.apps", "-n", &other], false),
+        (vec!["delete", "deployments.apps", "-n", &apps], false),
+        (vec!["update", "deployments.apps", "-n", &apps], false),
         (vec!["patch", &lease_resource, "-n", &ops], true),
         (vec!["patch", "leases/someone-elses", "-n", &ops], false),
         (vec!["create", "leases", "-n", &apps], false),
