@@ -188,12 +188,15 @@ async fn run_batch(
             let env = env.clone();
             async move {
                 let t0 = Instant::now();
+                // Serial scenarios load the whole machine (the sharding one issues 1,000
+                // tokens: about 200 s alone on 2 cores): they get twice as long.
+                let limit = if name.contains("serial_") { 600 } else { 300 };
                 let outcome =
-                    tokio::time::timeout(Duration::from_secs(300), tokio::spawn(f(env))).await;
+                    tokio::time::timeout(Duration::from_secs(limit), tokio::spawn(f(env))).await;
                 let result = match outcome {
                     Ok(Ok(r)) => r,
                     Ok(Err(join)) => Err(format!("panicked: {join}")),
-                    Err(_) => Err("timed out after 300 s".into()),
+                    Err(_) => Err(format!("timed out after {limit} s")),
                 };
                 let took = t0.elapsed();
                 match &result {
