@@ -7,13 +7,17 @@
 //! requests the operator sends per token, at the operator's concurrency), the operator
 //! issuing N tokens (created with a concurrent client, so creation is not what is measured),
 //! Kubernetes writes and AWX requests per token, the operator's memory and CPU, a steady
-//! state, and the latency of one new AwxToken while N are managed. It prints a table and
-//! then `name: value` lines. Numbers, not assertions: performance targets belong here, not
-//! in timed tests; compare the ratio, measured in the same run, not seconds across machines.
+//! state, the latency of one new AwxToken while N are managed, the same issuance by two
+//! shards, and a renewal wave: the N tokens given a short rotateEvery renew together under
+//! `--awx-max-rps`, with their Kubernetes writes, the busiest second at AWX and the renewals
+//! later than promised. It prints a table and then `name: value` lines. Numbers, not
+//! assertions: performance targets belong here, not in timed tests; compare the ratio,
+//! measured in the same run, not seconds across machines.
 //!
 //! Options (or environment variables): `--tokens N` (`AWXTO_BENCH_N`, default 1000),
 //! `--unrelated N` (`AWXTO_BENCH_UNRELATED`, default 20000), `--steady-secs S`
-//! (`AWXTO_BENCH_STEADY_SECS`, default 60), `--users U` (`AWXTO_BENCH_USERS`, default 16).
+//! (`AWXTO_BENCH_STEADY_SECS`, default 60), `--users U` (`AWXTO_BENCH_USERS`, default 16),
+//! `--wave-rps R` (`AWXTO_BENCH_WAVE_RPS`, default 20: the wave operator's `--awx-max-rps`).
 
 #[allow(dead_code, unused_macros)]
 #[path = "../tests/e2e/support.rs"]
@@ -51,6 +55,7 @@ struct Options {
     unrelated: usize,
     steady: Duration,
     users: usize,
+    wave_rps: u64,
 }
 
 fn option(args: &[String], flag: &str, var: &str, default: u64) -> u64 {
@@ -75,6 +80,7 @@ fn main() {
             60,
         )),
         users: option(&args, "--users", "AWXTO_BENCH_USERS", 16).max(1) as usize,
+        wave_rps: option(&args, "--wave-rps", "AWXTO_BENCH_WAVE_RPS", WAVE_RPS).max(1),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,9 +190,19 @@ fn awx_token_resource() -> ApiResource {
 }
 
 fn awx_token(ns: &str, name: &str, url: &str, creds: &str) -> DynamicObject {
+    labelled_awx_token(ns, name, url, creds, json!({}))
+}
+
+fn labelled_awx_token(
+    ns: &str,
+    name: &str,
+    url: &str,
+    creds: &str,
+    labels: Value,
+) -> DynamicObject {
     serde_json::from_value(json!({
         "apiVersion": "awx-token-operator.io/v1alpha1", "kind": "AwxToken",
-        "metadata": {"name": name, "namespace": ns},
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {"awx": {"url": url, "allowInsecureHttp": true},
             "grant": {"type": "Password", "credentialsSecretRef": {"name": creds}}}}))
     .expect("an AwxToken")
@@ -357,6 +373,432 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The most of `times` (seconds) that fall into any one-second window `[t, t + 1)`.
+fn peak_per_second(times: &mut [f64]) -> usize {
+    times.sort_by(f64::total_cmp);
+    let mut peak = 0;
+    let mut first = 0;
+    for (last, t) in times.iter().enumerate() {
+        while times[first] <= t - 1.0 {
+            first += 1;
+        }
+        peak = peak.max(last + 1 - first);
+    }
+    peak
+}
+
+/// The renewal wave's `rotateEvery`, in whole seconds. Long enough that (1) the earliest
+/// renewal time, issue plus rotateEvery less at most a tenth of it of jitter, comes `lead`
+/// after `now`, when every AwxToken's status shows it; (2) no token renewed in the wave
+/// comes due again before the wave is over: neither after the spread of the issue times nor
+/// after `n` renewals of `requests_per_renewal` requests at `rps` (the operator spaces its
+/// requests 1.2/rps apart), each with `margin` to spare.
+fn wave_rotate_every(
+    since_first_issue: Duration,
+    issue_spread: Duration,
+    lead: Duration,
+    margin: Duration,
+    n: usize,
+    requests_per_renewal: f64,
+    rps: u32,
+) -> u64 {
+    let wave = n as f64 * requests_per_renewal * 1.2 / f64::from(rps.max(1));
+    let starts_after_lead = (since_first_issue + lead).as_secs_f64() / 0.9;
+    let outlasts_the_wave = (wave + margin.as_secs_f64()) / 0.9;
+    let outlasts_the_spread = (issue_spread + margin).as_secs_f64() / 0.8;
+    starts_after_lead
+        .max(outlasts_the_wave)
+        .max(outlasts_the_spread)
+        .ceil() as u64
+}
+
+/// Label whose value names an AwxToken's shard (the Flux convention the operator follows).
+const SHARD_KEY: &str = "sharding.fluxcd.io/key";
+/// The requests per second the renewal wave's operator may send AWX, unless `--wave-rps`.
+const WAVE_RPS: u64 = 20;
+/// How long a replaced token stays valid in the wave: short, so that its revocation (part of
+/// a renewal's cost) falls inside the wave.
+const WAVE_GRACE: Duration = Duration::from_secs(15);
+/// A renewal is late when the new token's `status.issuedAt` is more than this after the
+/// `status.renewalTime` promised for it. Both are whole seconds (truncated), so this is at
+/// least one second of true lateness.
+const LATE_TOLERANCE_SECS: i64 = 2;
+
+/// The operator's flags in every phase: the same in-flight limit and concurrency, and `rps`
+/// requests per second to AWX (0: unlimited).
+fn operator_flags(rps: u64) -> Vec<String> {
+    [
+        "--awx-max-rps",
+        &rps.to_string(),
+        "--awx-max-in-flight",
+        &IN_FLIGHT.to_string(),
+        "--concurrency",
+        "32",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start_operator(env: &Env, ns: &str, flags: &[String]) -> Result<support::Operator, String> {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    env.start_operator_as(
+        ns,
+        &flags,
+        &env.kubeconfig,
+        &[("RUST_LOG".to_string(), "info".to_string())],
+    )
+}
+
+async fn wait_ready(op: &support::Operator) -> Result<(), String> {
+    support::wait_for(
+        "the operator to be ready",
+        Duration::from_secs(120),
+        || async {
+            let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", op.port)).await;
+            Ok(r.is_ok_and(|r| r.status() == 200).then_some(()))
+        },
+    )
+    .await
+}
+
+/// The bench users' credential Secrets in `ns`, `creds-00` and on.
+fn credentials(env: &Env, ns: &str, users: &[User]) -> Result<(), String> {
+    for (u, user) in users.iter().enumerate() {
+        env.credentials(
+            ns,
+            &format!("creds-{u:02}"),
+            &[
+                ("username", user.name.as_str()),
+                ("password", user.password.as_str()),
+                ("client_id", user.client_id.as_str()),
+                ("client_secret", user.client_secret.as_str()),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Kubernetes writes as kube-apiserver counts them, read together with the churn's own
+/// count (the churn holds `quiet` around each of its writes).
+struct WriteMeter {
+    quiet: Arc<tokio::sync::Mutex<()>>,
+    churned: Arc<AtomicU64>,
+}
+
+impl WriteMeter {
+    async fn read(&self, env: &Env) -> Result<(BTreeMap<String, f64>, f64), String> {
+        let _quiet = self.quiet.lock().await;
+        Ok((writes(env)?, self.churned.load(Ordering::SeqCst) as f64))
+    }
+
+    /// The writes since `before` (taken by `read`), less the churn's.
+    async fn since(
+        &self,
+        env: &Env,
+        before: &(BTreeMap<String, f64>, f64),
+    ) -> Result<BTreeMap<String, f64>, String> {
+        let (after, churn) = self.read(env).await?;
+        Ok(delta(
+            &after,
+            &before.0,
+            &BTreeMap::from([("secrets", churn - before.1)]),
+        ))
+    }
+}
+
+/// How long one issuance took: creating the AwxTokens, then until half and all were Ready.
+struct Issuance {
+    created: Duration,
+    half_ready: Duration,
+    all_ready: Duration,
+}
+
+/// Creates `tokens` (in one namespace of their own) with the concurrent client, then waits
+/// until all of them are Ready; `sample` runs at each look.
+async fn issue_all(
+    api: &Api<DynamicObject>,
+    tokens: Vec<DynamicObject>,
+    mut sample: impl FnMut(),
+) -> Result<Issuance, String> {
+    let n = tokens.len();
+    let started = Instant::now();
+    concurrently(tokens, |token| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &token)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await?;
+    let created = started.elapsed();
+    let mut half_ready = None;
+    loop {
+        let ready = ready_count(api).await?;
+        sample();
+        if half_ready.is_none() && ready * 2 >= n {
+            half_ready = Some(started.elapsed());
+        }
+        if ready == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            return Err(format!("only {ready} of {n} Ready after an hour"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(Issuance {
+        created,
+        half_ready: half_ready.unwrap_or_default(),
+        all_ready: started.elapsed(),
+    })
+}
+
+/// The same issuance as the benchmark's main one (N AwxTokens, the same users, stand-in and
+/// operator flags), in a namespace of its own, by two operators: each started with
+/// `--shard-selector sharding.fluxcd.io/key=shard-K` and the AwxTokens labelled half-half.
+/// Returns tokens per second and AWX requests per token.
+async fn two_shards(
+    env: &Env,
+    awx: &support::Standin,
+    users: &[User],
+    n: usize,
+) -> Result<(f64, f64), String> {
+    let ns = env.namespace("bench-shards").await?;
+    credentials(env, &ns, users)?;
+    let mut shards = Vec::new();
+    for shard in ["shard-0", "shard-1"] {
+        let mut flags = operator_flags(0);
+        flags.extend(["--shard-selector".into(), format!("{SHARD_KEY}={shard}")]);
+        shards.push(start_operator(env, &ns, &flags)?);
+    }
+    for op in &shards {
+        wait_ready(op).await?;
+    }
+    let awx_before = awx.requests().await?.len();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &ns, &awx_token_resource());
+    let tokens = (0..n)
+        .map(|i| {
+            labelled_awx_token(
+                &ns,
+                &format!("s{i:05}"),
+                &awx.url,
+                &format!("creds-{:02}", i % users.len()),
+                json!({SHARD_KEY: format!("shard-{}", i % 2)}),
+            )
+        })
+        .collect();
+    let issued = issue_all(&api, tokens, || ()).await?;
+    let requests = awx.requests().await?.len() - awx_before;
+    Ok((
+        n as f64 / issued.all_ready.as_secs_f64(),
+        requests as f64 / n as f64,
+    ))
+}
+
+/// The AwxTokens of `names`, by name.
+async fn named(
+    api: &Api<DynamicObject>,
+    names: &[String],
+) -> Result<BTreeMap<String, DynamicObject>, String> {
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|t| Some((t.metadata.name.clone()?, t)))
+        .filter(|(name, _)| names.contains(name))
+        .collect())
+}
+
+fn status_time(token: &DynamicObject, field: &str) -> Option<jiff::Timestamp> {
+    token.data["status"][field].as_str()?.parse().ok()
+}
+
+/// What the renewal wave measured.
+struct Wave {
+    rotate_every: u64,
+    /// From the first promised renewal time to the last.
+    due_within: Duration,
+    /// From the window's opening to the last revocation.
+    took: Duration,
+    /// Password grants AWX received in the window (one per renewal if none renewed twice).
+    grants: usize,
+    /// Every AWX request in the window: grants, listings, tagging, revocations.
+    requests: usize,
+    peak_rps: usize,
+    late: usize,
+    /// The largest `status.issuedAt - status.renewalTime`, in seconds (negative: early).
+    latest: i64,
+    writes: BTreeMap<String, f64>,
+}
+
+/// N tokens issued together renew together: a fresh operator limited to `rps` requests per
+/// second, the `names` AwxTokens given a short `rotateEvery` (and a short revoke grace
+/// period); once every status promises its renewal time (`status.renewalTime`), the window
+/// opens and lasts until every token holds a new one and the replaced one is revoked.
+async fn renewal_wave(
+    env: &Env,
+    ns: &str,
+    awx: &support::Standin,
+    names: &[String],
+    requests_per_issue: f64,
+    rps: u64,
+    meter: &WriteMeter,
+) -> Result<Wave, String> {
+    let n = names.len();
+    let op = start_operator(env, ns, &operator_flags(rps))?;
+    wait_ready(&op).await?;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), ns, &awx_token_resource());
+    let issued: BTreeMap<String, jiff::Timestamp> = named(&api, names)
+        .await?
+        .iter()
+        .map(|(name, t)| {
+            status_time(t, "issuedAt")
+                .map(|at| (name.clone(), at))
+                .ok_or_else(|| format!("{name} has no status.issuedAt"))
+        })
+        .collect::<Result<_, _>>()?;
+    let (Some(first), Some(last)) = (issued.values().min(), issued.values().max()) else {
+        return Err("no AwxTokens for the renewal wave".into());
+    };
+    let age = |from: &jiff::Timestamp, to: jiff::Timestamp| {
+        Duration::try_from(to.duration_since(*from)).unwrap_or_default()
+    };
+    // A renewal issues a token and revokes one; revoking takes no more requests than issuing.
+    let requests_per_renewal = 2.0 * requests_per_issue;
+    let lead = Duration::from_secs(20) + Duration::from_millis(20 * n as u64);
+    let rotate_every = wave_rotate_every(
+        age(first, jiff::Timestamp::now()),
+        age(first, *last),
+        lead,
+        WAVE_GRACE + Duration::from_secs(30),
+        n,
+        requests_per_renewal,
+        rps as u32,
+    );
+    let patch = json!({"spec": {"renewal": {
+        "rotateEvery": format!("{rotate_every}s"),
+        "revokeGracePeriod": format!("{}s", WAVE_GRACE.as_secs())}}});
+    concurrently(names.to_vec(), |name| {
+        let (api, patch) = (api.clone(), patch.clone());
+        async move {
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await?;
+    // Every status describes the new spec: its renewalTime is the operator's promise.
+    let promised: BTreeMap<String, jiff::Timestamp> = support::wait_for(
+        "every AwxToken to promise its renewal",
+        lead * 3,
+        || async {
+            let tokens = named(&api, names).await?;
+            let settled = tokens.values().all(|t| {
+                t.metadata.generation.is_some()
+                    && t.data["status"]["observedGeneration"].as_i64() == t.metadata.generation
+            });
+            Ok((settled && tokens.len() == n).then(|| {
+                tokens
+                    .iter()
+                    .filter_map(|(name, t)| Some((name.clone(), status_time(t, "renewalTime")?)))
+                    .collect::<BTreeMap<_, _>>()
+            }))
+        },
+    )
+    .await?;
+    let before = meter.read(env).await?;
+    let seq_before = awx
+        .requests()
+        .await?
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let opened = jiff::Timestamp::now();
+    let started = Instant::now();
+    let (Some(first_due), Some(last_due)) = (promised.values().min(), promised.values().max())
+    else {
+        return Err("no renewal time promised".into());
+    };
+    if promised.len() != n || *first_due <= opened {
+        return Err(format!(
+            "the wave was not ready in time: {} of {n} promised, the first for {first_due}, \
+             the window opened at {opened}",
+            promised.len()
+        ));
+    }
+    let wave_estimate =
+        Duration::from_secs_f64(n as f64 * requests_per_renewal * 1.2 / rps.max(1) as f64);
+    let deadline = age(&opened, *last_due) + 2 * wave_estimate + Duration::from_secs(120);
+    let renewed = loop {
+        let tokens = named(&api, names).await?;
+        let renewed: BTreeMap<String, jiff::Timestamp> = tokens
+            .iter()
+            .filter(|(_, t)| t.data["status"]["pendingRevocations"].as_u64().unwrap_or(0) == 0)
+            .filter_map(|(name, t)| Some((name.clone(), status_time(t, "issuedAt")?)))
+            .filter(|(name, at)| issued.get(name) != Some(at))
+            .collect();
+        if renewed.len() == n {
+            break renewed;
+        }
+        if started.elapsed() > deadline {
+            return Err(format!(
+                "renewal wave: {} of {n} renewed and revoked after {:.0} s",
+                renewed.len(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let took = started.elapsed();
+    // The last revocation's own writes (its event follows the status) land before the count.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let writes = meter.since(env, &before).await?;
+    let requests: Vec<Value> = awx
+        .requests()
+        .await?
+        .into_iter()
+        .filter(|r| r["seq"].as_u64().is_some_and(|s| s > seq_before))
+        .collect();
+    let grants = requests
+        .iter()
+        .filter(|r| {
+            r["method"] == "POST"
+                && r["path"].as_str().is_some_and(|p| p.ends_with("/o/token/"))
+                && r["grant_type"] == "password"
+        })
+        .count();
+    let mut times: Vec<f64> = requests.iter().filter_map(|r| r["time"].as_f64()).collect();
+    let lateness: Vec<i64> = renewed
+        .iter()
+        .filter_map(|(name, at)| Some(at.duration_since(*promised.get(name)?).as_secs()))
+        .collect();
+    drop(op);
+    Ok(Wave {
+        rotate_every,
+        due_within: age(first_due, *last_due),
+        took,
+        grants,
+        requests: requests.len(),
+        peak_rps: peak_per_second(&mut times),
+        late: lateness
+            .iter()
+            .filter(|l| **l > LATE_TOLERANCE_SECS)
+            .count(),
+        latest: lateness.iter().copied().max().unwrap_or(0),
+        writes,
+    })
+}
+
 async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     let n = o.tokens;
     let ns = env.namespace("bench").await?;
@@ -369,16 +811,6 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         let (client_id, client_secret) = awx
             .create_app(&format!("bench-{u:02}"), "password", &name)
             .await?;
-        env.credentials(
-            &ns,
-            &format!("creds-{u:02}"),
-            &[
-                ("username", name.as_str()),
-                ("password", password.as_str()),
-                ("client_id", client_id.as_str()),
-                ("client_secret", client_secret.as_str()),
-            ],
-        )?;
         users.push(User {
             name,
             password,
@@ -386,6 +818,7 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
             client_secret,
         });
     }
+    credentials(env, &ns, &users)?;
 
     // The unrelated Secrets, in namespaces of their own.
     let noise_namespaces = 20.min(o.unrelated.max(1));
@@ -423,17 +856,17 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
 
     // Churn on the unrelated Secrets for the rest of the run; its writes are subtracted.
     let stop = Arc::new(AtomicBool::new(false));
-    let churned = Arc::new(AtomicU64::new(0));
-    // Held by each churn write and by each reading of the counts: a reading sees the churn
-    // counter and the API server's metrics agree.
-    let quiet = Arc::new(tokio::sync::Mutex::new(()));
+    let meter = WriteMeter {
+        quiet: Arc::default(),
+        churned: Arc::default(),
+    };
     let churn = {
         let (client, stop, churned, noise, quiet) = (
             env.client.clone(),
             stop.clone(),
-            churned.clone(),
+            meter.churned.clone(),
             noise.clone(),
-            quiet.clone(),
+            meter.quiet.clone(),
         );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / CHURN_PER_SEC));
@@ -456,100 +889,44 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         })
     };
 
-    let op = env.start_operator_as(
-        &ns,
-        &[
-            "--awx-max-rps",
-            "0",
-            "--awx-max-in-flight",
-            &IN_FLIGHT.to_string(),
-            "--concurrency",
-            "32",
-        ],
-        &env.kubeconfig,
-        &[("RUST_LOG".to_string(), "info".to_string())],
-    )?;
+    let mut op = start_operator(env, &ns, &operator_flags(0))?;
     let pid = op.pid().ok_or("operator not running")?;
-    support::wait_for(
-        "the operator to be ready",
-        Duration::from_secs(120),
-        || async {
-            let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", op.port)).await;
-            Ok(r.is_ok_and(|r| r.status() == 200).then_some(()))
-        },
-    )
-    .await?;
+    wait_ready(&op).await?;
     let idle_rss = proc_status(pid, "VmRSS:");
     let cpu_before = cpu_seconds(pid);
-    let (writes_before, churn_before) = {
-        let _quiet = quiet.lock().await;
-        (writes(env)?, churned.load(Ordering::SeqCst) as f64)
-    };
+    let before_issue = meter.read(env).await?;
     let awx_before = awx.requests().await?.len();
 
     let api: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &ns, &awx_token_resource());
-    let started = Instant::now();
     let url = awx.url.clone();
-    concurrently((0..n).collect(), |i| {
-        let (api, url, ns) = (api.clone(), url.clone(), ns.clone());
-        let creds = format!("creds-{:02}", i % o.users);
-        async move {
-            api.create(
-                &PostParams::default(),
-                &awx_token(&ns, &format!("b{i:05}"), &url, &creds),
-            )
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-        }
+    let names: Vec<String> = (0..n).map(|i| format!("b{i:05}")).collect();
+    let tokens = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| awx_token(&ns, name, &url, &format!("creds-{:02}", i % o.users)))
+        .collect();
+    let mut peak_rss = proc_status(pid, "VmRSS:");
+    let issued = issue_all(&api, tokens, || {
+        peak_rss = peak_rss.max(proc_status(pid, "VmRSS:"));
     })
     .await?;
-    let created = started.elapsed();
-    let mut peak_rss = proc_status(pid, "VmRSS:");
-    let mut half = None;
-    loop {
-        let ready = ready_count(&api).await?;
-        peak_rss = peak_rss.max(proc_status(pid, "VmRSS:"));
-        if half.is_none() && ready * 2 >= n {
-            half = Some(started.elapsed());
-        }
-        if ready == n {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(3600) {
-            return Err(format!("only {ready} of {n} Ready after an hour"));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let all_ready = started.elapsed();
     let cpu_issue = cpu_seconds(pid) - cpu_before;
-    let (after_issue, churn_at_issue) = {
-        let _quiet = quiet.lock().await;
-        (writes(env)?, churned.load(Ordering::SeqCst) as f64)
-    };
-    let churn_issue = churn_at_issue - churn_before;
-    let own_issue = BTreeMap::from([("secrets", churn_issue)]);
-    let writes_issue = delta(&after_issue, &writes_before, &own_issue);
+    let after_issue = meter.read(env).await?;
+    let writes_issue = delta(
+        &after_issue.0,
+        &before_issue.0,
+        &BTreeMap::from([("secrets", after_issue.1 - before_issue.1)]),
+    );
     let awx_issue = awx.requests().await?.len() - awx_before;
 
     // Steady state: nothing is due, nothing changes but the unrelated Secrets.
-    let churn_steady_before = churn_at_issue;
     let steady_started = Instant::now();
     while steady_started.elapsed() < o.steady {
         peak_rss = peak_rss.max(proc_status(pid, "VmRSS:"));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let (after_steady, churn_at_steady) = {
-        let _quiet = quiet.lock().await;
-        (writes(env)?, churned.load(Ordering::SeqCst) as f64)
-    };
-    let churn_steady = churn_at_steady - churn_steady_before;
-    let steady_writes = delta(
-        &after_steady,
-        &after_issue,
-        &BTreeMap::from([("secrets", churn_steady)]),
-    );
+    let steady_writes = meter.since(env, &after_issue).await?;
     let awx_steady = awx.requests().await?.len() - awx_before - awx_issue;
 
     // One new AwxToken at a time while N are managed: until its Secret holds a token.
@@ -583,12 +960,27 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     latencies.sort_by(f64::total_cmp);
     let after_rss = proc_status(pid, "VmRSS:");
     let peak_rss = peak_rss.max(proc_status(pid, "VmHWM:"));
+    op.terminate().await?;
+
+    // The same issuance by two shards, then the renewal wave of the N tokens issued above.
+    let (shards_2, shards_2_requests) = two_shards(env, &awx, &users, n).await?;
+    let wave = renewal_wave(
+        env,
+        &ns,
+        &awx,
+        &names,
+        awx_issue as f64 / n as f64,
+        o.wave_rps,
+        &meter,
+    )
+    .await?;
     stop.store(true, Ordering::SeqCst);
     let _ = churn.await;
 
-    let rate = n as f64 / all_ready.as_secs_f64();
+    let rate = n as f64 / issued.all_ready.as_secs_f64();
     let total_writes: f64 = writes_issue.values().sum();
-    let per_token = |m: &BTreeMap<String, f64>| {
+    let wave_writes: f64 = wave.writes.values().sum();
+    let by_kind = |m: &BTreeMap<String, f64>| {
         m.iter()
             .map(|(k, v)| format!("{k} {:.2}", v / n as f64))
             .collect::<Vec<_>>()
@@ -612,15 +1004,15 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     );
     println!(
         "| AwxTokens created (concurrent client) in | {:.1} s |",
-        created.as_secs_f64()
+        issued.created.as_secs_f64()
     );
     println!(
         "| half Ready after | {:.1} s |",
-        half.unwrap_or_default().as_secs_f64()
+        issued.half_ready.as_secs_f64()
     );
     println!(
         "| all Ready after | {:.1} s ({rate:.1} tokens/s) |",
-        all_ready.as_secs_f64()
+        issued.all_ready.as_secs_f64()
     );
     println!("| operator / direct | {:.2} |", rate / direct);
     println!(
@@ -634,7 +1026,7 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     println!(
         "| Kubernetes writes per token | {:.2} ({}) |",
         total_writes / n as f64,
-        per_token(&writes_issue)
+        by_kind(&writes_issue)
     );
     println!(
         "| steady state, {} s | {} writes ({steady_writes:?}), {awx_steady} AWX requests |",
@@ -646,6 +1038,36 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
+    println!(
+        "| 1 / 2 shards (two operators, `--shard-selector`, half each) | {rate:.1} / \
+         {shards_2:.1} tokens/s ({:.2}; direct limit {direct:.1}; {shards_2_requests:.2} AWX \
+         requests per token with 2) |",
+        shards_2 / rate
+    );
+    println!(
+        "| renewal wave: {n} due within {:.0} s (rotateEvery {}s, `--awx-max-rps {}`) | all \
+         renewed and the old revoked in {:.1} s; {} grants, {:.2} AWX requests per renewal |",
+        wave.due_within.as_secs_f64(),
+        wave.rotate_every,
+        o.wave_rps,
+        wave.took.as_secs_f64(),
+        wave.grants,
+        wave.requests as f64 / n as f64
+    );
+    println!(
+        "| Kubernetes writes per renewal | {:.2} ({}) |",
+        wave_writes / n as f64,
+        by_kind(&wave.writes)
+    );
+    println!(
+        "| wave: most AWX requests in any one second | {} (limit {}) |",
+        wave.peak_rps, o.wave_rps
+    );
+    println!(
+        "| renewals more than {LATE_TOLERANCE_SECS} s after `status.renewalTime` | {} of {n} \
+         (latest {:+} s) |",
+        wave.late, wave.latest
+    );
     println!("tokens: {n}");
     println!("cores: {cores}");
     println!("ratio: {:.3}", rate / direct);
@@ -653,6 +1075,7 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     println!("operator_tokens_per_s: {rate:.2}");
     println!("awx_requests_per_token: {:.3}", awx_issue as f64 / n as f64);
     println!("k8s_writes_per_token: {:.3}", total_writes / n as f64);
+    println!("k8s_writes_per_renewal: {:.3}", wave_writes / n as f64);
     println!("peak_rss_mib: {peak_rss:.1}");
     println!("cpu_seconds: {cpu_issue:.1}");
     println!("steady_awx_requests: {awx_steady}");
@@ -662,5 +1085,12 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     );
     println!("p50_new_token_ms: {:.0}", percentile(&latencies, 0.5));
     println!("p99_new_token_ms: {:.0}", percentile(&latencies, 0.99));
+    println!("shards_1_tokens_per_s: {rate:.2}");
+    println!("shards_2_tokens_per_s: {shards_2:.2}");
+    println!("shards_ratio: {:.3}", shards_2 / rate);
+    println!("wave_rps_limit: {}", o.wave_rps);
+    println!("wave_peak_rps: {}", wave.peak_rps);
+    println!("late_renewals: {}", wave.late);
+    println!("latest_renewal_s: {}", wave.latest);
     Ok(())
 }
