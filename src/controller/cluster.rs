@@ -198,6 +198,42 @@ impl KubeCluster {
     }
 }
 
+/// The workloads of kind `K` a list call returns, as `view` sees them.
+async fn list_as<K>(
+    client: Client,
+    namespace: &str,
+    params: &ListParams,
+    view: fn(&K) -> Workload,
+) -> Result<Vec<Workload>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let list = Api::<K>::namespaced(client, namespace).list(params).await?;
+    Ok(list.iter().map(view).collect())
+}
+
+/// One workload of kind `K`, if it exists, as `view` sees it.
+async fn get_as<K>(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    view: fn(&K) -> Workload,
+) -> Result<Option<Workload>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let found = Api::<K>::namespaced(client, namespace)
+        .get_opt(name)
+        .await?;
+    Ok(found.as_ref().map(view))
+}
+
 /// A 409 (a precondition or an existing object) as [`Error::Conflict`].
 fn conflict_or(e: kube::Error, what: &str) -> Error {
     match &e {
@@ -299,47 +335,32 @@ impl Cluster for KubeCluster {
     ) -> Result<Vec<Workload>, Error> {
         let client = self.client.clone();
         let params = ListParams::default().labels(selector);
-        Ok(match kind {
-            WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
-                .list(&params)
-                .await?
-                .iter()
-                .map(workloads::deployment)
-                .collect(),
-            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
-                .list(&params)
-                .await?
-                .iter()
-                .map(workloads::stateful_set)
-                .collect(),
-            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
-                .list(&params)
-                .await?
-                .iter()
-                .map(workloads::daemon_set)
-                .collect(),
-        })
+        match kind {
+            WorkloadKind::Deployment => {
+                list_as(client, namespace, &params, workloads::deployment).await
+            }
+            WorkloadKind::StatefulSet => {
+                list_as(client, namespace, &params, workloads::stateful_set).await
+            }
+            WorkloadKind::DaemonSet => {
+                list_as(client, namespace, &params, workloads::daemon_set).await
+            }
+        }
     }
 
     async fn workload(&self, namespace: &str, id: &WorkloadRef) -> Result<Option<Workload>, Error> {
         let client = self.client.clone();
-        Ok(match id.kind {
-            WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
-                .get_opt(&id.name)
-                .await?
-                .as_ref()
-                .map(workloads::deployment),
-            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
-                .get_opt(&id.name)
-                .await?
-                .as_ref()
-                .map(workloads::stateful_set),
-            WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
-                .get_opt(&id.name)
-                .await?
-                .as_ref()
-                .map(workloads::daemon_set),
-        })
+        match id.kind {
+            WorkloadKind::Deployment => {
+                get_as(client, namespace, &id.name, workloads::deployment).await
+            }
+            WorkloadKind::StatefulSet => {
+                get_as(client, namespace, &id.name, workloads::stateful_set).await
+            }
+            WorkloadKind::DaemonSet => {
+                get_as(client, namespace, &id.name, workloads::daemon_set).await
+            }
+        }
     }
 
     async fn restart(
