@@ -12,7 +12,10 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::{ResourceExt, runtime::controller::Action};
+use kube::{
+    ResourceExt,
+    runtime::{controller::Action, reflector::ObjectRef},
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -20,6 +23,7 @@ use super::{
     awx_api::{AwxApi, Connection},
     cluster::{Cluster, Event},
     observe::{self, Observed},
+    pace::RenewalPacer,
     plan::{self, Backoff, Blocker, Facts, Next, Obtain, Target, Trigger, Wake},
     status,
     workloads::Workload,
@@ -54,6 +58,8 @@ pub struct Env<'a, C, A, K> {
     pub clock: &'a K,
     pub settings: &'a Settings,
     pub metrics: &'a Metrics,
+    /// Renewal starts under the rate limit, shared by every reconcile of this process.
+    pub pacer: &'a RenewalPacer<ObjectRef<AwxToken>>,
 }
 
 /// How a reconcile of an existing AwxToken ended.
@@ -173,6 +179,27 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             holder: &settings.identity,
             rollout_checked: self.rollout_checked,
             started_at: settings.started_at,
+            renew_from: self.renew_from(),
+        }
+    }
+
+    /// Books the current token's renewal with the pacer (or takes it off when there is
+    /// nothing to renew) and returns when the renewal is to start.
+    fn renew_from(&self) -> Option<Timestamp> {
+        let renewable =
+            self.token.metadata.deletion_timestamp.is_none() && !self.token.spec.suspend;
+        match (&self.seen.state.current, &self.seen.valid) {
+            (Some(current), Ok(valid)) if renewable => Some(self.env.pacer.book(
+                self.uid(),
+                &ObjectRef::from_obj(self.token),
+                &valid.host,
+                current.issued_at,
+                plan::renewal_time(self.uid(), current, valid),
+            )),
+            _ => {
+                self.env.pacer.forget(self.uid());
+                None
+            }
         }
     }
 

@@ -12,6 +12,7 @@ pub mod awx_api;
 pub mod cluster;
 pub mod execute;
 pub mod observe;
+pub mod pace;
 pub mod plan;
 pub mod status;
 pub mod workloads;
@@ -118,6 +119,8 @@ pub struct Context {
     pub awx: AwxPool,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
+    /// Renewal starts per host under the rate limit.
+    pub pacer: pace::RenewalPacer<ObjectRef<AwxToken>>,
     /// Objects whose last attempt failed (the objects-in-backoff gauge).
     in_backoff: Mutex<HashSet<(String, String)>>,
     /// Consecutive Kubernetes API errors per object, for error_policy's backoff.
@@ -130,6 +133,7 @@ impl Context {
         Self {
             cluster: KubeCluster::new(client, Some(settings.identity.clone())),
             awx: AwxPool::new(settings.awx_max_rps, settings.awx_max_in_flight, observer),
+            pacer: pace::RenewalPacer::new(settings.awx_max_rps),
             settings,
             metrics,
             in_backoff: Mutex::default(),
@@ -144,6 +148,7 @@ impl Context {
             clock: &SystemClock,
             settings: &self.settings,
             metrics: &self.metrics,
+            pacer: &self.pacer,
         }
     }
 
@@ -473,6 +478,7 @@ pub async fn run(
         .watches_stream(secret_events, move |secret| {
             affected_tokens(&index, &mapper_ctx.cluster, &secret)
         })
+        .reconcile_on(paced_renewals(ctx.clone(), store.clone()))
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
@@ -484,6 +490,34 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// How often the pacer is asked for renewals pulled earlier than their reconcile.
+const PACER_TICK: Duration = Duration::from_secs(1);
+
+/// AwxTokens to reconcile because a renewal due after theirs pulled their start earlier than
+/// the reconcile they scheduled; once a minute the pacer drops tokens gone from the cache.
+fn paced_renewals(
+    ctx: Arc<Context>,
+    store: reflector::Store<AwxToken>,
+) -> impl futures::Stream<Item = ObjectRef<AwxToken>> + Send + 'static {
+    futures::stream::unfold(0u64, move |tick| {
+        let (ctx, store) = (ctx.clone(), store.clone());
+        async move {
+            tokio::time::sleep(PACER_TICK).await;
+            if tick % 60 == 59 {
+                ctx.pacer.retain(|r| store.get(r).is_some());
+            }
+            let due = ctx
+                .pacer
+                .overdue(schedule::add(Timestamp::now(), PACER_TICK));
+            if !due.is_empty() {
+                debug!(count = due.len(), "renewals to start earlier");
+            }
+            Some((futures::stream::iter(due), tick + 1))
+        }
+    })
+    .flatten()
 }
 
 use futures::{StreamExt as _, TryStreamExt as _};

@@ -41,6 +41,9 @@ pub struct Facts<'a> {
     pub rollout_checked: bool,
     /// When this operator process started, if it says.
     pub started_at: Option<Timestamp>,
+    /// When the renewal of the current token is to start, at or before its renewal time, so
+    /// that renewals due together fit the request rate limit ([`super::pace`]).
+    pub renew_from: Option<Timestamp>,
 }
 
 /// What the credentials allow.
@@ -309,7 +312,7 @@ pub fn trigger(f: &Facts<'_>, valid: &ValidSpec, fingerprint: &str) -> Option<Tr
     if current.refresh_broken {
         return Some(Trigger::ChainBroken);
     }
-    if f.now >= renewal_time(f.uid, current, valid) {
+    if f.now >= renewal_time(f.uid, current, valid) || f.renew_from.is_some_and(|at| f.now >= at) {
         return Some(Trigger::Due);
     }
     None
@@ -562,6 +565,7 @@ fn wake(f: &Facts<'_>) -> Wake {
             None => {
                 if let Some(current) = &state.current {
                     times.push(renewal_time(f.uid, current, valid));
+                    times.extend(f.renew_from);
                     times.extend(verification_due(f, valid));
                 }
             }

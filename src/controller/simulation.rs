@@ -32,7 +32,7 @@ use std::{
 
 use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
-use kube::ResourceExt;
+use kube::{ResourceExt, runtime::reflector::ObjectRef};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use secrecy::{ExposeSecret as _, SecretString};
 
@@ -41,6 +41,7 @@ use super::{
     awx_api::{AwxApi, Connection, ExclusiveGuard},
     cluster::{Cluster, Event},
     execute::{self, Env},
+    pace::RenewalPacer,
     status,
     workloads::Workload,
 };
@@ -178,6 +179,8 @@ struct Process {
     /// Operations left before the process dies (a crash between two operations).
     crash_after: Mutex<Option<usize>>,
     crashed: Mutex<bool>,
+    /// Its renewal pacer (in memory: a new process starts with an empty one).
+    pacer: RenewalPacer<ObjectRef<AwxToken>>,
 }
 
 impl Process {
@@ -186,6 +189,7 @@ impl Process {
             holder,
             crash_after: Mutex::new(None),
             crashed: Mutex::new(false),
+            pacer: RenewalPacer::new(NonZeroU32::new(RPS)),
         })
     }
 
@@ -1068,6 +1072,7 @@ impl Run {
             clock: &sim,
             settings: &settings,
             metrics: &self.metrics,
+            pacer: &sim.process.pacer,
         };
         let result = if object.deleted {
             execute::cleanup(&token, &env).await.map(|()| None)
@@ -1127,6 +1132,7 @@ impl Run {
             clock: &a,
             settings: &settings_a,
             metrics: &self.metrics,
+            pacer: &a.process.pacer,
         };
         let env_b = Env {
             cluster: &b,
@@ -1134,6 +1140,7 @@ impl Run {
             clock: &b,
             settings: &settings_b,
             metrics: &self.metrics,
+            pacer: &b.process.pacer,
         };
         let deleted = object.deleted;
         let (ra, rb) = if deleted {

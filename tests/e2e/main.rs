@@ -80,6 +80,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(verify::renewal_before_expiry_percentage_and_refresh_lifetime_set_the_renewal),
         scenario!(ops::ops_leader_election_single_issuer_and_takeover),
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
+        scenario!(ops::ops_renewals_due_together_are_started_early_not_late),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),
         scenario!(chart::chart_lint_template_and_server_dry_run),
         scenario!(chart::chart_install_upgrade_uninstall_keeps_the_crd),

@@ -252,3 +252,78 @@ pub async fn ops_host_outside_allow_list_gets_no_request(env: Arc<Env>) -> TestR
     );
     Ok(())
 }
+
+/// Renewals due together are started early enough that none is late under the rate limit.
+/// Eight tokens issued within seconds (no limit) all come due about 120 s later; a new
+/// operator with `--awx-max-rps 2` then has room for one renewal every 3 s (five requests
+/// each, spaced 0.6 s), 24 s for the eight: started at their renewal times, the last would
+/// be about 20 s late.
+pub async fn ops_renewals_due_together_are_started_early_not_late(env: Arc<Env>) -> TestResult {
+    const N: usize = 8;
+    let awx = env.private_standin("paced", "awx")?;
+    awx.set_password_cost(1000).await?;
+    let mut s = setup_with(&env, "e2e-paced", awx, &["--awx-max-rps", "0"]).await?;
+    s.password_credentials(&env, "creds").await?;
+    let names: Vec<String> = (0..N).map(|i| format!("p{i}")).collect();
+    let docs: Vec<String> = names
+        .iter()
+        .map(|name| {
+            let extra = json!({"renewal": {"rotateEvery": "120s", "revokeGracePeriod": "2s"}});
+            awx_token(&s.ns, name, &s.awx.url, "Password", "creds", extra).to_string()
+        })
+        .collect();
+    env.kubectl_stdin(&["apply", "-f", "-"], &docs.join("\n"))?;
+    let mut promised = Vec::new();
+    for name in &names {
+        let obj = wait_ready(&env, &s.ns, name, "True", None).await?;
+        let at = |field: &str| {
+            obj["status"][field]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                .ok_or_else(|| format!("{name} has no status.{field}"))
+        };
+        promised.push((name.clone(), at("issuedAt")?, at("renewalTime")?));
+    }
+    s.op.kill();
+    let op = env.start_operator(&s.ns, &["--awx-max-rps", "2"])?;
+    let renewed = wait_for("every token renewed", Duration::from_secs(240), || async {
+        let mut issued = Vec::new();
+        for (name, first, _) in &promised {
+            let obj = env.awx_token(&s.ns, name).await?.ok_or("gone")?;
+            match obj["status"]["issuedAt"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            {
+                Some(at) if at > *first => issued.push(at),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(issued))
+    })
+    .await?;
+    let lateness: Vec<i64> = promised
+        .iter()
+        .zip(&renewed)
+        .map(|((_, _, due), at)| at.as_second() - due.as_second())
+        .collect();
+    println!("    renewed relative to status.renewalTime (s): {lateness:?}");
+    // Both times are whole seconds: 2 s allows for truncation and the grant's own round trip.
+    ensure!(
+        lateness.iter().all(|l| *l <= 2),
+        "renewals later than promised: {lateness:?}"
+    );
+    // Pacing started renewals early, not all at once: the new tokens' issue times are spread
+    // over at least the 21 s seven 3 s slots take (less a second of rounding each end).
+    let (first, last) = (
+        renewed.iter().min().ok_or("none")?,
+        renewed.iter().max().ok_or("none")?,
+    );
+    let spread = last.as_second() - first.as_second();
+    ensure!(spread >= 19, "renewals spread over {spread} s only");
+    ensure_eq!(
+        op.metric(ISSUED).await?,
+        Some(N as f64),
+        "tokens the paced operator issued"
+    );
+    Ok(())
+}

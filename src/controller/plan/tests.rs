@@ -122,6 +122,7 @@ struct World {
     inputs: Result<(String, Option<String>, bool), (String, String)>,
     rollout_checked: bool,
     started_at: Option<Timestamp>,
+    renew_from: Option<Timestamp>,
 }
 
 impl World {
@@ -138,6 +139,7 @@ impl World {
             inputs: Ok(("fp".into(), Some("app".into()), true)),
             rollout_checked: false,
             started_at: None,
+            renew_from: None,
         }
     }
 
@@ -174,6 +176,7 @@ impl World {
             },
             rollout_checked: self.rollout_checked,
             started_at: self.started_at,
+            renew_from: self.renew_from,
             backoff: Backoff {
                 base: Duration::from_secs(5),
                 max: Duration::from_secs(300),
