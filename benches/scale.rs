@@ -704,7 +704,12 @@ async fn renewal_wave(
     };
     // A renewal issues a token and revokes one; revoking takes no more requests than issuing.
     let requests_per_renewal = 2.0 * requests_per_issue;
-    let lead = Duration::from_secs(20) + Duration::from_millis(20 * n as u64);
+    // Renewals are paced (src/controller/pace.rs): the earliest starts up to the whole wave's
+    // length before its renewal time, and that start too must come after every status shows
+    // its promise.
+    let wave_length =
+        Duration::from_secs_f64(n as f64 * requests_per_renewal * 1.2 / rps.max(1) as f64);
+    let lead = Duration::from_secs(20) + Duration::from_millis(20 * n as u64) + wave_length;
     let rotate_every = wave_rotate_every(
         age(first, jiff::Timestamp::now()),
         age(first, *last),

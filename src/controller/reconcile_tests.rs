@@ -1019,6 +1019,12 @@ async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
     );
     assert_eq!(failed["status"]["failedAttempts"], 1);
     assert_eq!(failed["status"]["lastFailureMessage"], ready["message"]);
+    // The failure's time as Kubernetes stores times: whole seconds.
+    let last_failure_time: Timestamp = failed["status"]["lastFailureTime"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("status.lastFailureTime");
+    assert_eq!(last_failure_time.as_second(), failure.at.as_second());
     assert_eq!(
         failure.since,
         Some(failure.at),
