@@ -34,6 +34,11 @@ use crate::schedule;
 /// scale benchmark counts them (`awx_requests_per_renewal`).
 pub const REQUESTS_PER_RENEWAL: u32 = 5;
 
+/// The time one renewal holds a host under a limit of `max_rps` requests a second.
+pub fn slot(max_rps: std::num::NonZeroU32) -> Duration {
+    Duration::from_secs(u64::from(REQUESTS_PER_RENEWAL)).mul_f64(1.2) / max_rps.get()
+}
+
 /// One held token's place in its host's renewal order.
 type Key = (Timestamp, String);
 
@@ -66,9 +71,7 @@ impl<R: Clone> RenewalPacer<R> {
     /// A pacer for `max_rps` requests a second per host (`None`: no pacing).
     pub fn new(max_rps: Option<std::num::NonZeroU32>) -> Self {
         Self {
-            slot: max_rps.map(|rps| {
-                Duration::from_secs(u64::from(REQUESTS_PER_RENEWAL)).mul_f64(1.2) / rps.get()
-            }),
+            slot: max_rps.map(slot),
             book: Mutex::new(Book {
                 hosts: HashMap::new(),
                 places: HashMap::new(),
