@@ -7,6 +7,7 @@ use std::{
 };
 
 use awx_token_operator::{
+    connection::{self, ConnectionKind},
     controller::{self, Context, Settings},
     crd, election,
     metrics::Metrics,
@@ -37,6 +38,18 @@ enum Command {
         #[arg(long)]
         without_cel: bool,
     },
+    /// Print the ClusterAwxConnection or AwxConnection CustomResourceDefinition as YAML.
+    ConnectionCrd {
+        /// Which of the two connection kinds.
+        #[arg(value_enum)]
+        kind: ConnectionCrdKind,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConnectionCrdKind {
+    ClusterAwxConnection,
+    AwxConnection,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +137,22 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::ConnectionCrd { kind } => {
+            let kind = match kind {
+                ConnectionCrdKind::ClusterAwxConnection => ConnectionKind::ClusterAwxConnection,
+                ConnectionCrdKind::AwxConnection => ConnectionKind::AwxConnection,
+            };
+            match connection::crd_yaml(kind) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot render the CRD: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd { without_cel } => match crd::crd_yaml(without_cel) {
             Ok(yaml) => {
                 print!("{yaml}");
