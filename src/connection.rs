@@ -3,17 +3,26 @@
 //! to reach AWX, and with which OAuth2 application" from "what to issue" (the AwxToken), the
 //! way cert-manager splits ClusterIssuer/Issuer from Certificate.
 //!
-//! This module holds the resource types and the pure decisions over them (is a namespace
-//! admitted, what fingerprint a connection has). Wiring into the reconciler is separate.
+//! This module holds the resource types and how an AwxToken's `spec.connectionRef` is resolved
+//! before a reconcile reads the spec: the connection's `awx` block takes the place of the
+//! token's, its CA bundle and application Secrets are read from the connection's namespace
+//! (the operator's own for the cluster-scoped kind), and a namespace the connection does not
+//! admit is refused before any request to AWX.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::core::{Selector, SelectorExt};
-use kube::{CustomResource, CustomResourceExt};
+use kube::{CustomResource, CustomResourceExt, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use crate::{
+    Error,
+    controller::cluster::Cluster,
+    crd::{AwxToken, AwxTokenSpec, FlavorSpec},
+    spec::{self, SpecError},
+};
 
 /// Where AWX is, how to reach it and, optionally, the OAuth2 application tokens are issued
 /// with; usable by AwxTokens in the namespaces `allowedNamespaces` selects.
@@ -175,40 +184,213 @@ pub fn namespace_admitted(
     }
 }
 
-/// What a connection's tokens depend on, as a hash: the URL, the CA bundle, the client id and
-/// a hash of the client secret (never the secret itself). A token issued under another
-/// fingerprint is re-issued.
-pub fn fingerprint(
-    url: &str,
-    ca_bundle: Option<&[u8]>,
-    client_id: Option<&str>,
-    client_secret: Option<&[u8]>,
-) -> String {
-    let mut hash = Sha256::new();
-    let mut part = |tag: &[u8], value: Option<&[u8]>| {
-        hash.update(tag);
-        match value {
-            Some(v) => {
-                hash.update((v.len() as u64).to_be_bytes());
-                hash.update(v);
-            }
-            None => hash.update(u64::MAX.to_be_bytes()),
-        }
-    };
-    part(b"url", Some(url.as_bytes()));
-    part(b"ca", ca_bundle);
-    part(b"id", client_id.map(str::as_bytes));
-    let secret_hash = client_secret.map(|s| Sha256::digest(s).to_vec());
-    part(b"secret", secret_hash.as_deref());
-    hex::encode(&hash.finalize()[..16])
+/// What an AwxToken's reconcile needs of the connection it names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionView {
+    pub awx: crate::crd::AwxConnection,
+    pub application: Option<ApplicationSecretRef>,
+    pub requests_per_second: Option<u32>,
+    /// For a ClusterAwxConnection: which namespaces it admits (`None` inside: none).
+    pub allowed_namespaces: Option<Option<AllowedNamespaces>>,
+    /// The flavour the connection's own reconcile detected, if any.
+    pub detected_flavor: Option<String>,
 }
 
-/// The YAML of both connection CRDs, as `crds/` holds them.
-pub fn crd_yaml(kind: ConnectionKind) -> Result<String, serde_yaml::Error> {
-    match kind {
-        ConnectionKind::ClusterAwxConnection => serde_yaml::to_string(&ClusterAwxConnection::crd()),
-        ConnectionKind::AwxConnection => serde_yaml::to_string(&AwxConnection::crd()),
+impl ConnectionView {
+    pub fn of_cluster(c: &ClusterAwxConnection) -> Self {
+        Self {
+            awx: c.spec.awx.clone(),
+            application: c.spec.application.clone(),
+            requests_per_second: c.spec.requests_per_second,
+            allowed_namespaces: Some(c.spec.allowed_namespaces.clone()),
+            detected_flavor: c.status.as_ref().and_then(|s| s.flavor.clone()),
+        }
     }
+
+    pub fn of_namespaced(c: &AwxConnection) -> Self {
+        Self {
+            awx: c.spec.awx.clone(),
+            application: c.spec.application.clone(),
+            requests_per_second: c.spec.requests_per_second,
+            allowed_namespaces: None,
+            detected_flavor: c.status.as_ref().and_then(|s| s.flavor.clone()),
+        }
+    }
+}
+
+/// The connection an AwxToken reaches AWX through.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Via {
+    pub kind: ConnectionKind,
+    pub name: String,
+    /// Where the connection's CA bundle and application Secrets are read.
+    pub secrets_namespace: String,
+    pub application: Option<ApplicationSecretRef>,
+    pub requests_per_second: Option<u32>,
+}
+
+impl Via {
+    /// "ClusterAwxConnection \"shared\"", for messages.
+    pub fn describe(&self) -> String {
+        format!("{:?} {:?}", self.kind, self.name)
+    }
+
+    /// The Secrets this connection makes its tokens read: (namespace, name).
+    pub fn secrets(&self, awx: &crate::crd::AwxConnection) -> Vec<(String, String)> {
+        let mut names: Vec<_> = awx
+            .ca_bundle_secret_ref
+            .iter()
+            .map(|c| c.name.clone())
+            .chain(self.application.iter().map(|a| a.name.clone()))
+            .map(|n| (self.secrets_namespace.clone(), n))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// An AwxToken as the reconcile reads it.
+pub struct Resolution<'a> {
+    /// The AwxToken with the connection's `awx` block in place of its own (borrowed as it is
+    /// for an inline spec.awx).
+    pub token: std::borrow::Cow<'a, AwxToken>,
+    /// The connection, when the token names one and may use it.
+    pub via: Option<Via>,
+    /// Why the token may not reach AWX at all as its spec says (no request is sent).
+    pub refused: Option<SpecError>,
+}
+
+/// The operator-wide rules for connections.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Where the Secrets of ClusterAwxConnections are read.
+    pub operator_namespace: String,
+    /// Refuse inline spec.awx: only platform-defined connections can be reached.
+    pub require_connection_ref: bool,
+    /// ClusterAwxConnections can be used (false when the operator watches one namespace, and
+    /// so has no rights on cluster-scoped objects).
+    pub cluster_connections: bool,
+}
+
+/// The error of a spec that sets both spec.awx and spec.connectionRef (the CRD's CEL rule
+/// says so too, where the API server runs it).
+pub fn exclusive(spec: &AwxTokenSpec) -> Option<SpecError> {
+    (spec.connection_ref.is_some() && !spec.awx.is_unset()).then(|| {
+        spec::connection_refused("InvalidSpec", "set either awx or connectionRef, not both")
+    })
+}
+
+/// Resolves `token`'s spec.connectionRef (if any) as [`Resolution`] describes.
+pub async fn resolve<'a>(
+    token: &'a AwxToken,
+    cluster: &impl Cluster,
+    policy: &Policy,
+) -> Result<Resolution<'a>, Error> {
+    use std::borrow::Cow;
+    let refused = |reason, message: String| Resolution {
+        token: Cow::Borrowed(token),
+        via: None,
+        refused: Some(spec::connection_refused(reason, message)),
+    };
+    let Some(r) = &token.spec.connection_ref else {
+        if policy.require_connection_ref {
+            return Ok(refused(
+                "InlineAwxRefused",
+                "this operator reaches AWX only through platform-defined connections \
+                 (--require-connection-ref): replace spec.awx with spec.connectionRef naming a \
+                 ClusterAwxConnection or an AwxConnection; no request was sent"
+                    .into(),
+            ));
+        }
+        return Ok(Resolution {
+            token: Cow::Borrowed(token),
+            via: None,
+            refused: None,
+        });
+    };
+    if let Some(both) = exclusive(&token.spec) {
+        return Ok(Resolution {
+            token: Cow::Borrowed(token),
+            via: None,
+            refused: Some(both),
+        });
+    }
+    let namespace = token.namespace().unwrap_or_default();
+    if r.kind == ConnectionKind::ClusterAwxConnection && !policy.cluster_connections {
+        return Ok(refused(
+            "ConnectionRefused",
+            format!(
+                "ClusterAwxConnection {:?} cannot be used: this operator watches one namespace \
+                 and reads no cluster-scoped objects; use an AwxConnection in this namespace",
+                r.name
+            ),
+        ));
+    }
+    let Some(view) = cluster.connection(&namespace, r).await? else {
+        let place = match r.kind {
+            ConnectionKind::ClusterAwxConnection => String::new(),
+            ConnectionKind::AwxConnection => format!(" in namespace {namespace:?}"),
+        };
+        return Ok(refused(
+            "ConnectionNotFound",
+            format!(
+                "{:?} {:?} does not exist{place}; no request was sent",
+                r.kind, r.name
+            ),
+        ));
+    };
+    let secrets_namespace = match r.kind {
+        ConnectionKind::ClusterAwxConnection => {
+            let labels = cluster
+                .namespace_labels(&namespace)
+                .await?
+                .unwrap_or_default();
+            let allowed = view.allowed_namespaces.clone().flatten();
+            if let Err(why) = namespace_admitted(&r.name, allowed.as_ref(), &namespace, &labels) {
+                return Ok(refused(
+                    "ConnectionRefused",
+                    format!("{why}; no request was sent"),
+                ));
+            }
+            policy.operator_namespace.clone()
+        }
+        ConnectionKind::AwxConnection => namespace,
+    };
+    let mut effective = token.clone();
+    effective.spec.awx = view.awx.clone();
+    if effective.spec.awx.flavor == FlavorSpec::Auto {
+        match view.detected_flavor.as_deref() {
+            Some("Controller") => effective.spec.awx.flavor = FlavorSpec::Controller,
+            Some("Gateway") => effective.spec.awx.flavor = FlavorSpec::Gateway,
+            _ => {}
+        }
+    }
+    Ok(Resolution {
+        token: Cow::Owned(effective),
+        via: Some(Via {
+            kind: r.kind,
+            name: r.name.clone(),
+            secrets_namespace,
+            application: view.application,
+            requests_per_second: view.requests_per_second,
+        }),
+        refused: None,
+    })
+}
+
+/// The YAML of a connection kind's CRD, as `crds/` holds it (without the CEL rules: for
+/// Kubernetes older than 1.25).
+pub fn crd_yaml(kind: ConnectionKind, without_cel: bool) -> Result<String, serde_yaml::Error> {
+    let crd = match kind {
+        ConnectionKind::ClusterAwxConnection => serde_json::to_value(ClusterAwxConnection::crd()),
+        ConnectionKind::AwxConnection => serde_json::to_value(AwxConnection::crd()),
+    };
+    let mut crd = crd.map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+    if without_cel {
+        crate::crd::strip_key(&mut crd, "x-kubernetes-validations");
+    }
+    serde_yaml::to_string(&crd)
 }
 
 fn default_client_id_key() -> String {
@@ -261,30 +443,6 @@ mod tests {
         assert_eq!(
             namespace_admitted("shared", Some(&allowed), "any", &BTreeMap::new()),
             Ok(())
-        );
-    }
-
-    #[test]
-    fn fingerprint_changes_with_each_input_and_hides_the_secret() {
-        let base = fingerprint("https://a", Some(b"ca"), Some("id"), Some(b"s3cret"));
-        assert_eq!(base.len(), 32);
-        assert_eq!(
-            base,
-            fingerprint("https://a", Some(b"ca"), Some("id"), Some(b"s3cret"))
-        );
-        for other in [
-            fingerprint("https://b", Some(b"ca"), Some("id"), Some(b"s3cret")),
-            fingerprint("https://a", None, Some("id"), Some(b"s3cret")),
-            fingerprint("https://a", Some(b"ca"), Some("id2"), Some(b"s3cret")),
-            fingerprint("https://a", Some(b"ca"), Some("id"), Some(b"other")),
-            fingerprint("https://a", Some(b"ca"), Some("id"), None),
-        ] {
-            assert_ne!(other, base);
-        }
-        // Moving bytes between fields must not collide.
-        assert_ne!(
-            fingerprint("https://a", Some(b"x"), Some("y"), None),
-            fingerprint("https://a", Some(b"xy"), Some(""), None)
         );
     }
 

@@ -161,6 +161,12 @@ impl AwxPool {
         }
     }
 
+    /// Detects the flavour at `at` afresh (a connection's health check), through the same
+    /// per-host limits as every other request.
+    pub async fn probe(&self, at: &Connection) -> Result<Flavor, AwxError> {
+        self.client(at)?.detect_flavor().await
+    }
+
     fn client(&self, at: &Connection) -> Result<AwxClient, AwxError> {
         let mut key = Sha256::new();
         key.update(at.url.as_str());
