@@ -235,6 +235,14 @@ impl Via {
         format!("{:?} {:?}", self.kind, self.name)
     }
 
+    /// The connection's own rate limit, if it has one: its name and rate.
+    pub fn narrower(&self) -> Option<(String, std::num::NonZeroU32)> {
+        let rps = std::num::NonZeroU32::new(self.requests_per_second?)?;
+        let namespace =
+            (self.kind == ConnectionKind::AwxConnection).then_some(self.secrets_namespace.as_str());
+        Some((limit_key(self.kind, namespace, &self.name), rps))
+    }
+
     /// The Secrets this connection makes its tokens read: (namespace, name).
     pub fn secrets(&self, awx: &crate::crd::AwxConnection) -> Vec<(String, String)> {
         let mut names: Vec<_> = awx
@@ -248,6 +256,11 @@ impl Via {
         names.dedup();
         names
     }
+}
+
+/// The name a connection's rate gate goes by: its kind, namespace and name.
+pub fn limit_key(kind: ConnectionKind, namespace: Option<&str>, name: &str) -> String {
+    format!("{kind:?}/{}/{name}", namespace.unwrap_or_default())
 }
 
 /// An AwxToken as the reconcile reads it.

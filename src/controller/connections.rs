@@ -354,6 +354,12 @@ async fn probe<K: ConnectionObject>(obj: &K, ctx: &Context) -> Result<Flavor, St
         insecure_skip_tls_verify: awx.insecure_skip_tls_verify,
         timeout: Duration::from_secs(u64::from(awx.timeout_seconds.clamp(1, 300))),
         ca_bundle,
+        narrower: view.requests_per_second.and_then(|rps| {
+            Some((
+                crate::connection::limit_key(K::KIND, obj.namespace().as_deref(), &obj.name_any()),
+                std::num::NonZeroU32::new(rps)?,
+            ))
+        }),
     };
     let detected = ctx.awx.probe(&at).await.map_err(|e| e.to_string())?;
     match (awx.flavor, detected) {

@@ -375,6 +375,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             insecure_skip_tls_verify: awx.insecure_skip_tls_verify,
             timeout: Duration::from_secs(u64::from(awx.timeout_seconds.clamp(1, 300))),
             ca_bundle: self.seen.ca_bundle.clone(),
+            narrower: self.via.and_then(Via::narrower),
         })
     }
 

@@ -311,23 +311,62 @@ pub async fn connections_cluster_connection_serves_admitted_namespaces_without_t
         "local-app",
         &[("client_id", &local_id), ("client_secret", &local_secret)],
     )?;
+    // Its own rate limit: one request a second for its tokens, however many there are.
+    let mut spec = connection_spec(&awx.url, Some("local-app"));
+    spec["requestsPerSecond"] = json!(1);
+    let before = awx.requests().await?.len();
     env.apply(&json!({"apiVersion": "awx-token-operator.io/v1alpha1",
         "kind": "AwxConnection", "metadata": {"name": "local", "namespace": admitted},
-        "spec": connection_spec(&awx.url, Some("local-app"))}))?;
-    env.apply(&token_via(
-        &admitted,
-        "l",
-        "AwxConnection",
-        "local",
-        "login",
-    ))?;
-    wait_ready(&env, &admitted, "l", "True", Some("TokenReady")).await?;
-    let token = env
-        .secret_value(&admitted, "l", "token")
+        "spec": spec}))?;
+    let locals = ["l1", "l2", "l3"];
+    for name in locals {
+        env.apply(&token_via(
+            &admitted,
+            name,
+            "AwxConnection",
+            "local",
+            "login",
+        ))?;
+    }
+    for name in locals {
+        wait_ready(&env, &admitted, name, "True", Some("TokenReady")).await?;
+    }
+    let mut times: Vec<f64> = awx
+        .requests()
         .await?
-        .ok_or("no token")?;
-    ensure_eq!(awx.whoami(&token).await?, Some(user.clone()), "l works");
-    wait_connection(&env, "awxconnection", Some(&admitted), "local", "True", 1).await?;
+        .iter()
+        .skip(before)
+        .filter_map(|r| r["time"].as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    println!(
+        "    {} requests through AwxConnection local (1 a second) over {:.1}s",
+        times.len(),
+        times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0)
+    );
+    ensure!(times.len() > locals.len(), "requests seen: {}", times.len());
+    ensure_eq!(busiest, 1, "most requests in any one second");
+    for name in locals {
+        let token = env
+            .secret_value(&admitted, name, "token")
+            .await?
+            .ok_or("no token")?;
+        ensure_eq!(
+            awx.whoami(&token).await?,
+            Some(user.clone()),
+            "{name} works"
+        );
+    }
+    wait_connection(&env, "awxconnection", Some(&admitted), "local", "True", 3).await?;
     // A missing one is named.
     env.apply(&token_via(
         &admitted,
