@@ -160,6 +160,8 @@ pub struct Grant {
     #[serde(rename = "type")]
     pub type_: GrantType,
     /// Secret in this namespace holding the credentials. Credentials are never inline.
+    /// Through a connection with an application, it holds only the user's own login (the
+    /// client id and secret are the connection's).
     pub credentials_secret_ref: CredentialsSecretRef,
     /// Token scope.
     #[serde(default)]

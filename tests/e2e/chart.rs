@@ -1142,6 +1142,30 @@ pub async fn chart_rbac_cluster_wide_install_runs_the_operator(env: Arc<Env>) ->
         !can_i(&env, &c.kubeconfig, &["delete", "secrets", "-n", &apps])?,
         "cluster-wide: still no Secret deletion"
     );
+    for rule in [
+        &["watch", "clusterawxconnections.awx-token-operator.io"][..],
+        &[
+            "watch",
+            "awxconnections.awx-token-operator.io",
+            "--all-namespaces",
+        ],
+        &[
+            "patch",
+            "clusterawxconnections.awx-token-operator.io",
+            "--subresource=status",
+        ],
+        &["get", "namespaces"],
+    ] {
+        ensure!(
+            can_i(&env, &c.kubeconfig, rule)?,
+            "cluster-wide: may {}",
+            rule.join(" ")
+        );
+    }
+    ensure!(
+        !can_i(&env, &c.kubeconfig, &["list", "namespaces"])?,
+        "cluster-wide: namespaces are read one by one, never listed"
+    );
     Ok(())
 }
 
@@ -1195,7 +1219,7 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    ensure!(files.len() >= 7, "examples: {files:?}");
+    ensure!(files.len() >= 9, "examples: {files:?}");
     let mut token_count = 0;
     for file in &files {
         let name = file.display().to_string();
@@ -1208,8 +1232,15 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
             );
             if doc["kind"] == "AwxToken" {
                 token_count += 1;
-                let token: awx_token_operator::crd::AwxToken =
+                let mut token: awx_token_operator::crd::AwxToken =
                     serde_json::from_value(doc.clone()).map_err(|e| format!("{name}: {e}"))?;
+                if let Some(both) = awx_token_operator::connection::exclusive(&token.spec) {
+                    return Err(format!("{name}: {both}"));
+                }
+                if token.spec.connection_ref.is_some() {
+                    // The connection's awx block takes the place of the token's.
+                    token.spec.awx.url = "https://awx.example.com".into();
+                }
                 awx_token_operator::spec::validate(&token.spec)
                     .map_err(|e| format!("{name}: the operator rejects the spec: {e}"))?;
             }
@@ -1225,7 +1256,7 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
             "{name}: objects accepted ({out})"
         );
     }
-    ensure!(token_count >= 7, "AwxTokens in examples: {token_count}");
+    ensure!(token_count >= 9, "AwxTokens in examples: {token_count}");
 
     // deploy/ as a kustomize base, moved to a namespace of this scenario by an overlay.
     let target = env.namespace("chart-deploy").await?;

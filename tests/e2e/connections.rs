@@ -176,6 +176,18 @@ pub async fn connections_cluster_connection_serves_admitted_namespaces_without_t
         "printer columns NAME URL Flavor Ready Tokens"
     );
 
+    // kubectl explain documents the kinds.
+    let explained = env.kubectl(&["explain", "clusterawxconnection.spec.allowedNamespaces"])?;
+    ensure!(
+        explained.contains("Namespaces whose AwxTokens may use this connection"),
+        "kubectl explain: {explained}"
+    );
+    let explained = env.kubectl(&["explain", "awxtoken.spec.connectionRef"])?;
+    ensure!(
+        explained.contains("ClusterAwxConnection or AwxConnection"),
+        "kubectl explain: {explained}"
+    );
+
     // A namespace user: reads its own token Secret, cannot read the application's.
     env.kubectl(&["create", "serviceaccount", "dev", "-n", &admitted])?;
     env.kubectl(&[

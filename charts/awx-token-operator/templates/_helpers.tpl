@@ -77,10 +77,11 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
   resources: ["awxtokens/status"]
   verbs: ["patch"]
 # Connections: an AwxToken's spec.connectionRef is read at each reconcile; their own reconcile
-# (and the AwxTokens' re-issue on a change) watches them, and writes their status.
+# (and the AwxTokens' re-issue on a change) watches them.
 - apiGroups: ["awx-token-operator.io"]
   resources: ["awxconnections"{{ if not .Values.watchNamespace }}, "clusterawxconnections"{{ end }}]
   verbs: ["get", "list", "watch"]
+# A connection's status (Ready, flavour, tokens) is written with server-side apply.
 - apiGroups: ["awx-token-operator.io"]
   resources: ["awxconnections/status"{{ if not .Values.watchNamespace }}, "clusterawxconnections/status"{{ end }}]
   verbs: ["patch"]
