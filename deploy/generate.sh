@@ -48,6 +48,14 @@ EOF
 } >"$out/awxtokens.awx-token-operator.io.yaml"
 
 resources=(namespace.yaml awxtokens.awx-token-operator.io.yaml)
+for crd in clusterawxconnections awxconnections; do
+  {
+    echo "$header"
+    echo "# A copy of crds/$crd.awx-token-operator.io.yaml."
+    cat "crds/$crd.awx-token-operator.io.yaml"
+  } >"$out/$crd.awx-token-operator.io.yaml"
+  resources+=("$crd.awx-token-operator.io.yaml")
+done
 for name in serviceaccount rbac leader-election-rbac deployment service; do
   [ -f "$rendered/$name.yaml" ] || { echo "the chart rendered no templates/$name.yaml" >&2; exit 1; }
   { echo "$header"; strip_helm "$rendered/$name.yaml"; } >"$out/$name.yaml"

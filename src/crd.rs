@@ -34,9 +34,16 @@ pub const SKIP_REVOKE_ANNOTATION: &str = "awx-token-operator.io/skip-revoke";
     printcolumn = r#"{"name":"Last failure","type":"string","priority":1,"jsonPath":".status.lastFailureMessage"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.awx) != has(self.connectionRef)").message("set exactly one of awx (inline) and connectionRef (a platform-defined connection)"))]
 pub struct AwxTokenSpec {
-    /// Where AWX is and how to talk to it.
+    /// Where AWX is and how to talk to it, inline. Exactly one of awx and connectionRef.
+    #[serde(default, skip_serializing_if = "AwxConnection::is_unset")]
     pub awx: AwxConnection,
+    /// A ClusterAwxConnection or AwxConnection (same namespace) that says where AWX is, how
+    /// to reach it and, optionally, which OAuth2 application issues the token. Exactly one of
+    /// awx and connectionRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_ref: Option<crate::connection::ConnectionRef>,
     /// How the token is obtained.
     pub grant: Grant,
     /// The Secret the token is written to.
@@ -94,6 +101,29 @@ pub struct AwxConnection {
     pub timeout_seconds: u32,
 }
 
+impl Default for AwxConnection {
+    /// No connection (the AwxToken names one with connectionRef instead).
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            flavor: FlavorSpec::default(),
+            ca_bundle_secret_ref: None,
+            insecure_skip_tls_verify: false,
+            allow_insecure_http: false,
+            timeout_seconds: default_timeout_seconds(),
+        }
+    }
+}
+
+impl AwxConnection {
+    /// Not set in the AwxToken: its connection comes from spec.connectionRef. Before a
+    /// reconcile reads the spec, the connection's own block takes its place
+    /// (`connection::resolve`).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// The API flavour of the server at `url`.
 #[derive(JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum FlavorSpec {
@@ -130,6 +160,8 @@ pub struct Grant {
     #[serde(rename = "type")]
     pub type_: GrantType,
     /// Secret in this namespace holding the credentials. Credentials are never inline.
+    /// Through a connection with an application, it holds only the user's own login (the
+    /// client id and secret are the connection's).
     pub credentials_secret_ref: CredentialsSecretRef,
     /// Token scope.
     #[serde(default)]
@@ -569,7 +601,7 @@ pub fn crd_yaml(without_cel: bool) -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd)
 }
 
-fn strip_key(value: &mut serde_json::Value, key: &str) {
+pub(crate) fn strip_key(value: &mut serde_json::Value, key: &str) {
     match value {
         serde_json::Value::Object(map) => {
             map.remove(key);
@@ -644,6 +676,51 @@ mod tests {
     }
 
     #[test]
+    fn cel_rules_take_exactly_one_of_awx_and_connection_ref() {
+        let via = json!({"kind": "ClusterAwxConnection", "name": "shared"});
+        let mut only_ref = spec(json!({}));
+        only_ref["connectionRef"] = via.clone();
+        only_ref.as_object_mut().unwrap().remove("awx");
+        assert_eq!(cel(only_ref.clone()), Ok(()));
+        let typed: AwxTokenSpec = serde_json::from_value(only_ref.clone()).unwrap();
+        assert!(typed.awx.is_unset());
+        assert_eq!(
+            crate::connection::exclusive(&typed),
+            None,
+            "connectionRef alone is fine"
+        );
+
+        let mut both = spec(json!({}));
+        both["connectionRef"] = via;
+        let neither = {
+            let mut s = only_ref;
+            s.as_object_mut().unwrap().remove("connectionRef");
+            s
+        };
+        for wrong in [both.clone(), neither.clone()] {
+            let result = cel(wrong.clone());
+            assert!(
+                result
+                    .as_ref()
+                    .is_err_and(|e| e.contains("set exactly one of awx")),
+                "{wrong}: {result:?}"
+            );
+        }
+        // The operator refuses both on its own (old API servers ignore CEL) ...
+        let typed: AwxTokenSpec = serde_json::from_value(both).unwrap();
+        assert_eq!(
+            crate::connection::exclusive(&typed).map(|e| e.to_string()),
+            Some("spec.connectionRef: set either awx or connectionRef, not both".into())
+        );
+        // ... and neither.
+        let typed: AwxTokenSpec = serde_json::from_value(neither).unwrap();
+        assert_eq!(
+            crate::spec::validate(&typed).map(|_| ()).map_err(|e| e.to_string()),
+            Err("spec.awx.url: is empty; set spec.awx (the AWX URL and TLS settings) or spec.connectionRef".into())
+        );
+    }
+
+    #[test]
     fn cel_rules_reject_what_the_operator_rejects() {
         for (extra, message) in [
             (
@@ -674,7 +751,7 @@ mod tests {
     fn without_cel_strips_every_rule() {
         let with = crd_yaml(false).unwrap();
         let without = crd_yaml(true).unwrap();
-        assert_eq!(with.matches("x-kubernetes-validations").count(), 4);
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 5);
         assert_eq!(without.matches("x-kubernetes-validations").count(), 0);
     }
 }

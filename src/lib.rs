@@ -1,6 +1,7 @@
 //! awx-token-operator: keeps Ansible AWX API tokens in Kubernetes Secrets.
 
 pub mod awx;
+pub mod connection;
 pub mod controller;
 pub mod crd;
 pub mod decide;

@@ -7,6 +7,7 @@ use std::{
 };
 
 use awx_token_operator::{
+    connection::{self, ConnectionKind},
     controller::{self, Context, Settings},
     crd, election,
     metrics::Metrics,
@@ -37,6 +38,21 @@ enum Command {
         #[arg(long)]
         without_cel: bool,
     },
+    /// Print the ClusterAwxConnection or AwxConnection CustomResourceDefinition as YAML.
+    ConnectionCrd {
+        /// Which of the two connection kinds.
+        #[arg(value_enum)]
+        kind: ConnectionCrdKind,
+        /// Leave out the CEL rules (x-kubernetes-validations), for Kubernetes older than 1.25.
+        #[arg(long)]
+        without_cel: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ConnectionCrdKind {
+    ClusterAwxConnection,
+    AwxConnection,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +124,10 @@ struct RunArgs {
         value_delimiter = ','
     )]
     allowed_awx_hosts: Option<Vec<String>>,
+    /// Refuse AwxTokens with an inline spec.awx: only the AWX servers that platform-defined
+    /// ClusterAwxConnections and AwxConnections name can be reached.
+    #[arg(long, env = "AWX_TOKEN_OPERATOR_REQUIRE_CONNECTION_REF")]
+    require_connection_ref: bool,
     /// First retry delay after a failure; doubles per failure.
     #[arg(long, env = "AWX_TOKEN_OPERATOR_BACKOFF_BASE", default_value = "5s", value_parser = parse_duration)]
     backoff_base: Duration,
@@ -124,6 +144,22 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::ConnectionCrd { kind, without_cel } => {
+            let kind = match kind {
+                ConnectionCrdKind::ClusterAwxConnection => ConnectionKind::ClusterAwxConnection,
+                ConnectionCrdKind::AwxConnection => ConnectionKind::AwxConnection,
+            };
+            match connection::crd_yaml(kind, without_cel) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot render the CRD: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd { without_cel } => match crd::crd_yaml(without_cel) {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -177,6 +213,12 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let identity = args.identity.clone().unwrap_or_else(default_identity);
+    // The operator's own namespace: its Lease, and the Secrets of ClusterAwxConnections.
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| args.namespace.clone())
+        .unwrap_or_else(|| "default".into());
     let settings = Settings {
         allowed_hosts: args.allowed_awx_hosts.clone().filter(|h| !h.is_empty()),
         backoff_base: args.backoff_base,
@@ -187,6 +229,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         identity: controller::process_identity(&identity),
         shard_selector: args.shard_selector.clone().filter(|s| !s.is_empty()),
         started_at: Some(jiff::Timestamp::now()),
+        connections: awx_token_operator::connection::Policy {
+            operator_namespace: lease_namespace.clone(),
+            require_connection_ref: args.require_connection_ref,
+            cluster_connections: args.namespace.is_none(),
+        },
     };
     let ctx = Arc::new(Context::new(client.clone(), settings, metrics.clone()));
     info!(namespace = ?args.namespace, shard = ?args.shard_selector, leader_elect = args.leader_elect, %identity, "starting");
@@ -205,11 +252,6 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
 
-    let lease_namespace = args
-        .lease_namespace
-        .clone()
-        .or_else(|| args.namespace.clone())
-        .unwrap_or_else(|| "default".into());
     let duration = args.lease_duration.max(2);
     let build: election::BuildManager = {
         let (client, name, ns, identity) = (

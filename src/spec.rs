@@ -54,12 +54,25 @@ pub enum RenewBefore {
 pub struct SpecError {
     pub field: &'static str,
     pub message: String,
+    /// The Ready condition's reason: InvalidSpec, or why the named connection is unusable.
+    pub reason: &'static str,
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> SpecError {
     SpecError {
         field,
         message: message.into(),
+        reason: "InvalidSpec",
+    }
+}
+
+/// A spec whose connectionRef cannot be used: `reason` says why (ConnectionNotFound,
+/// ConnectionRefused, ...).
+pub fn connection_refused(reason: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: "connectionRef",
+        message: message.into(),
+        reason,
     }
 }
 
@@ -79,6 +92,20 @@ const MAX_TEMPLATE_PLACEHOLDERS: usize = 128;
 const STATE_SECRET_PREFIX: &str = "awx-token-operator-state-";
 
 pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
+    if spec.connection_ref.is_some() && spec.awx.is_unset() {
+        // `connection::resolve` puts the connection's block in place before validation; a
+        // spec that still has none here was not resolved.
+        return Err(invalid(
+            "connectionRef",
+            "the connection it names was not read",
+        ));
+    }
+    if spec.connection_ref.is_none() && spec.awx.is_unset() {
+        return Err(invalid(
+            "awx.url",
+            "is empty; set spec.awx (the AWX URL and TLS settings) or spec.connectionRef",
+        ));
+    }
     let url = parse_url(&spec.awx.url, spec.awx.allow_insecure_http)?;
     let host = host_of(&url);
 
@@ -362,7 +389,7 @@ pub fn host_of(url: &Url) -> String {
     }
 }
 
-fn parse_url(text: &str, allow_insecure_http: bool) -> Result<Url, SpecError> {
+pub fn parse_url(text: &str, allow_insecure_http: bool) -> Result<Url, SpecError> {
     const FIELD: &str = "awx.url";
     let mut url =
         Url::parse(text.trim()).map_err(|e| invalid(FIELD, format!("not a valid URL ({e})")))?;

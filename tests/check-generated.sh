@@ -23,6 +23,24 @@ for f in "${copies[@]}"; do
 done
 checked=("${copies[@]}")
 
+# The connection kinds' CRDs, in crds/ and in the chart.
+for kind in cluster-awx-connection awx-connection; do
+  case "$kind" in
+    cluster-awx-connection) base="clusterawxconnections.awx-token-operator.io.yaml" ;;
+    awx-connection) base="awxconnections.awx-token-operator.io.yaml" ;;
+  esac
+  cargo run --quiet -- connection-crd "$kind" > "$fresh"
+  for f in "crds/$base" "charts/awx-token-operator/crds/$base"; do
+    if [ "${1:-}" = --fix ]; then
+      cp "$fresh" "$f"; echo "wrote $f"
+    elif ! diff -u "$f" "$fresh" >/dev/null 2>&1; then
+      echo "stale: $f differs from 'awx-token-operator connection-crd $kind' (run tests/check-generated.sh --fix)" >&2
+      status=1
+    fi
+    checked+=("$f")
+  done
+done
+
 # deploy/ is rendered from the chart (and its CRD copy), so it is checked after them.
 if [ -x deploy/generate.sh ]; then
   if [ "${1:-}" = --fix ]; then

@@ -154,10 +154,22 @@ impl fmt::Debug for Endpoint {
 pub struct RequestLimits {
     rate: Option<Arc<RateGate>>,
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    /// A second rate, shared by fewer requests (those of one connection), passed first.
+    narrower: Option<Arc<RateGate>>,
+}
+
+/// A rate gate of its own for a group of requests (a connection's `requestsPerSecond`),
+/// spaced as [`RequestLimits::new`] spaces them.
+pub fn rate_gate(rps: NonZeroU32) -> Arc<RateGate> {
+    let spacing = Duration::from_secs(1).mul_f64(1.20) / rps.get();
+    let quota = governor::Quota::with_period(spacing.max(Duration::from_micros(1)))
+        .unwrap_or_else(|| governor::Quota::per_second(rps))
+        .allow_burst(NonZeroU32::MIN);
+    Arc::new(governor::RateLimiter::direct_with_clock(quota, TokioClock))
 }
 
 /// A GCRA rate limiter on tokio's clock (so tests with paused time see it exactly).
-type RateGate = governor::RateLimiter<
+pub type RateGate = governor::RateLimiter<
     governor::state::NotKeyed,
     governor::state::InMemoryState,
     TokioClock,
@@ -187,14 +199,17 @@ impl RequestLimits {
     /// `max_in_flight` at once. `None`: no limit.
     pub fn new(max_rps: Option<NonZeroU32>, max_in_flight: Option<usize>) -> Self {
         Self {
-            rate: max_rps.map(|rps| {
-                let spacing = Duration::from_secs(1).mul_f64(1.20) / rps.get();
-                let quota = governor::Quota::with_period(spacing.max(Duration::from_micros(1)))
-                    .unwrap_or_else(|| governor::Quota::per_second(rps))
-                    .allow_burst(NonZeroU32::MIN);
-                Arc::new(governor::RateLimiter::direct_with_clock(quota, TokioClock))
-            }),
+            rate: max_rps.map(rate_gate),
             in_flight: max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+            narrower: None,
+        }
+    }
+
+    /// These limits, and `gate` before them: requests pass both.
+    pub fn narrowed(&self, gate: Arc<RateGate>) -> Self {
+        Self {
+            narrower: Some(gate),
+            ..self.clone()
         }
     }
 
@@ -206,7 +221,7 @@ impl RequestLimits {
             Some(gate) => gate.clone().acquire_owned().await.ok(),
             None => None,
         };
-        if let Some(rate) = &self.rate {
+        for rate in self.narrower.iter().chain(&self.rate) {
             while let Err(not_until) = rate.check() {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(&TokioClock));
                 tokio::time::sleep(wait.max(Duration::from_micros(1))).await;

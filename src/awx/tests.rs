@@ -1095,6 +1095,42 @@ async fn rate_limiter_spaces_requests_out_without_a_burst() {
     );
 }
 
+#[tokio::test]
+async fn a_narrower_gate_spaces_its_requests_at_its_own_rate_and_no_one_else_waits() {
+    let server = MockServer::start().await;
+    Mock::given(path("/api/v2/me/"))
+        .respond_with(me_answer())
+        .expect(12)
+        .mount(&server)
+        .await;
+    // The host allows 1000 a second; one connection's requests, 5.
+    let host = RequestLimits::new(NonZeroU32::new(1000), None);
+    let narrow = host.narrowed(super::rate_gate(NonZeroU32::new(5).unwrap()));
+    let through = AwxClient::new(endpoint_for(&server.uri()), narrow, None).unwrap();
+    let direct = AwxClient::new(endpoint_for(&server.uri()), host, None).unwrap();
+
+    let started = Instant::now();
+    for _ in 0..6 {
+        direct.whoami(Flavor::Controller, &access()).await.unwrap();
+    }
+    let direct_took = started.elapsed();
+    let started = Instant::now();
+    for _ in 0..6 {
+        through.whoami(Flavor::Controller, &access()).await.unwrap();
+    }
+    let through_took = started.elapsed();
+    // Five gaps of 1.2 / 5 s through the connection's gate; the host's own gate spaces six
+    // requests 6 ms apart at most.
+    assert!(
+        through_took >= Duration::from_millis(1190),
+        "{through_took:?}"
+    );
+    assert!(
+        direct_took * 4 < through_took,
+        "direct {direct_took:?}, through the gate {through_took:?}"
+    );
+}
+
 /// Arrival times of requests at a mock AWX.
 #[derive(Clone, Default)]
 struct Arrivals(Arc<Mutex<Vec<Instant>>>);

@@ -31,6 +31,8 @@ pub struct Connection {
     pub insecure_skip_tls_verify: bool,
     pub timeout: Duration,
     pub ca_bundle: Option<Vec<u8>>,
+    /// A rate of its own, besides the host's: a connection's name and its requestsPerSecond.
+    pub narrower: Option<(String, NonZeroU32)>,
 }
 
 /// The AWX side of a reconcile. Every method is one or a few requests to AWX.
@@ -138,6 +140,8 @@ pub struct AwxPool {
     /// Application ids by URL and client id, once resolved.
     applications: Mutex<HashMap<(String, String), u64>>,
     exclusive: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Rate gates of connections with their own requestsPerSecond, by name and rate.
+    narrower: Mutex<HashMap<(String, NonZeroU32), Arc<crate::awx::RateGate>>>,
     max_rps: Option<NonZeroU32>,
     max_in_flight: Option<usize>,
     observer: Arc<dyn RequestObserver>,
@@ -155,10 +159,17 @@ impl AwxPool {
             flavors: Mutex::default(),
             applications: Mutex::default(),
             exclusive: Mutex::default(),
+            narrower: Mutex::default(),
             max_rps,
             max_in_flight,
             observer,
         }
+    }
+
+    /// Detects the flavour at `at` afresh (a connection's health check), through the same
+    /// per-host limits as every other request.
+    pub async fn probe(&self, at: &Connection) -> Result<Flavor, AwxError> {
+        self.client(at)?.detect_flavor().await
     }
 
     fn client(&self, at: &Connection) -> Result<AwxClient, AwxError> {
@@ -169,14 +180,26 @@ impl AwxPool {
         if let Some(ca) = &at.ca_bundle {
             key.update(ca);
         }
+        if let Some((name, rps)) = &at.narrower {
+            key.update([1]);
+            key.update(name.as_bytes());
+            key.update(rps.get().to_be_bytes());
+        }
         let key = hex::encode(key.finalize());
         if let Some(client) = lock(&self.clients).get(&key) {
             return Ok(client.clone());
         }
-        let limits = lock(&self.limits)
+        let mut limits = lock(&self.limits)
             .entry(at.host.clone())
             .or_insert_with(|| RequestLimits::new(self.max_rps, self.max_in_flight))
             .clone();
+        if let Some(narrower) = &at.narrower {
+            let gate = lock(&self.narrower)
+                .entry(narrower.clone())
+                .or_insert_with(|| crate::awx::rate_gate(narrower.1))
+                .clone();
+            limits = limits.narrowed(gate);
+        }
         let client = AwxClient::new(
             Endpoint {
                 base_url: at.url.clone(),

@@ -2,7 +2,7 @@
 //! the API server ([`KubeCluster`]); the simulation tests run it in memory.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     future::Future,
     sync::{Mutex, PoisonError},
 };
@@ -10,7 +10,7 @@ use std::{
 use jiff::Timestamp;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, StatefulSet},
-    core::v1::{ObjectReference, Secret},
+    core::v1::{Namespace, ObjectReference, Secret},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -25,6 +25,7 @@ use super::{
 };
 use crate::{
     Error,
+    connection::{ClusterAwxConnection, ConnectionKind, ConnectionRef, ConnectionView},
     crd::{AwxToken, AwxTokenStatus, WorkloadKind},
     state::WorkloadRef,
 };
@@ -57,6 +58,19 @@ impl Event {
 /// The Kubernetes side of a reconcile. Writes that must not overwrite what they did not read
 /// fail with [`Error::Conflict`].
 pub trait Cluster: Send + Sync {
+    /// The connection `r` names, as seen from an AwxToken in `namespace`.
+    fn connection(
+        &self,
+        namespace: &str,
+        r: &ConnectionRef,
+    ) -> impl Future<Output = Result<Option<ConnectionView>, Error>> + Send;
+
+    /// The labels of a namespace (`None`: it does not exist).
+    fn namespace_labels(
+        &self,
+        namespace: &str,
+    ) -> impl Future<Output = Result<Option<BTreeMap<String, String>>, Error>> + Send;
+
     fn get_secret(
         &self,
         namespace: &str,
@@ -247,6 +261,39 @@ fn namespace_of(secret: &Secret) -> String {
 }
 
 impl Cluster for KubeCluster {
+    async fn connection(
+        &self,
+        namespace: &str,
+        r: &ConnectionRef,
+    ) -> Result<Option<ConnectionView>, Error> {
+        Ok(match r.kind {
+            ConnectionKind::ClusterAwxConnection => {
+                Api::<ClusterAwxConnection>::all(self.client.clone())
+                    .get_opt(&r.name)
+                    .await?
+                    .as_ref()
+                    .map(ConnectionView::of_cluster)
+            }
+            ConnectionKind::AwxConnection => {
+                Api::<crate::connection::AwxConnection>::namespaced(self.client.clone(), namespace)
+                    .get_opt(&r.name)
+                    .await?
+                    .as_ref()
+                    .map(ConnectionView::of_namespaced)
+            }
+        })
+    }
+
+    async fn namespace_labels(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, Error> {
+        let found = Api::<Namespace>::all(self.client.clone())
+            .get_metadata_opt(namespace)
+            .await?;
+        Ok(found.map(|n| n.metadata.labels.unwrap_or_default()))
+    }
+
     async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
         Ok(self.secrets(namespace).get_opt(name).await?)
     }

@@ -33,6 +33,7 @@ use crate::{
     awx::{
         AwxError, Flavor, IssuedToken, ListedToken, Login, Outcome, Scope, TokenKind, TokenQuery,
     },
+    connection::{self, Via},
     crd::{AwxToken, GrantType, ROTATE_ANNOTATION, ScopeSpec, WorkloadKind},
     metrics::{Metrics, OutcomeLabels, ReasonLabels, RestartLabels, RevocationLabels, TokenLabels},
     schedule,
@@ -74,6 +75,9 @@ pub struct Applied {
     pub schedule: Option<(Option<f64>, f64)>,
     /// The plan reached `Done` (false: it ran out of steps, which is a bug).
     pub settled: bool,
+    /// Secrets of the AwxToken's connection it read (namespace, name): a change of one of
+    /// them concerns it.
+    pub connection_secrets: Vec<(String, String)>,
 }
 
 /// Brings an existing AwxToken to what its spec asks for.
@@ -81,9 +85,11 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
     token: &AwxToken,
     env: &Env<'_, C, A, K>,
 ) -> Result<Applied, Error> {
-    let seen = observe::observe(token, env.cluster).await?;
+    let resolved = connection::resolve(token, env.cluster, &env.settings.connections).await?;
+    let seen = observe::observe(&resolved, env.cluster).await?;
     let mut run = Run {
-        token,
+        token: resolved.token.as_ref(),
+        via: resolved.via.as_ref(),
         env,
         seen,
         rollout_checked: false,
@@ -104,6 +110,7 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
         failing_since: None,
         schedule: None,
         settled: false,
+        connection_secrets: run.connection_secrets(),
     })
 }
 
@@ -112,9 +119,11 @@ pub async fn cleanup<C: Cluster, A: AwxApi, K: Clock>(
     token: &AwxToken,
     env: &Env<'_, C, A, K>,
 ) -> Result<(), Error> {
-    let seen = observe::observe(token, env.cluster).await?;
+    let resolved = connection::resolve(token, env.cluster, &env.settings.connections).await?;
+    let seen = observe::observe(&resolved, env.cluster).await?;
     let mut run = Run {
-        token,
+        token: resolved.token.as_ref(),
+        via: resolved.via.as_ref(),
         env,
         seen,
         rollout_checked: false,
@@ -134,7 +143,10 @@ pub async fn cleanup<C: Cluster, A: AwxApi, K: Clock>(
 }
 
 struct Run<'a, C, A, K> {
+    /// The AwxToken, with its connection's `awx` block in place (`connection::resolve`).
     token: &'a AwxToken,
+    /// The connection it names, if any.
+    via: Option<&'a Via>,
     env: &'a Env<'a, C, A, K>,
     seen: Observed,
     /// The restarted workloads' rollouts were looked at (once per reconcile).
@@ -363,6 +375,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             insecure_skip_tls_verify: awx.insecure_skip_tls_verify,
             timeout: Duration::from_secs(u64::from(awx.timeout_seconds.clamp(1, 300))),
             ca_bundle: self.seen.ca_bundle.clone(),
+            narrower: self.via.and_then(Via::narrower),
         })
     }
 
@@ -1752,7 +1765,14 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             failing_since,
             schedule,
             settled: true,
+            connection_secrets: self.connection_secrets(),
         })
+    }
+
+    fn connection_secrets(&self) -> Vec<(String, String)> {
+        self.via
+            .map(|via| via.secrets(&self.token.spec.awx))
+            .unwrap_or_default()
     }
 
     /// A deletion that cannot finish yet: the status says why, the error retries it then.

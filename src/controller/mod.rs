@@ -10,6 +10,7 @@
 
 pub mod awx_api;
 pub mod cluster;
+pub mod connections;
 pub mod execute;
 pub mod observe;
 pub mod pace;
@@ -48,6 +49,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     Error,
     awx::RequestObserver,
+    connection::ConnectionKind,
     crd::{AwxToken, SKIP_REVOKE_ANNOTATION},
     decide,
     metrics::{Metrics, ReasonLabels, ResultLabels},
@@ -76,6 +78,8 @@ pub struct Settings {
     /// When this process started: verifications that came due while no operator ran are
     /// spread over the first minutes after it (see `plan::verification_due`).
     pub started_at: Option<Timestamp>,
+    /// Where the Secrets of ClusterAwxConnections are read; whether inline spec.awx is refused.
+    pub connections: crate::connection::Policy,
 }
 
 impl Default for Settings {
@@ -90,6 +94,11 @@ impl Default for Settings {
             identity: process_identity("awx-token-operator"),
             shard_selector: None,
             started_at: None,
+            connections: crate::connection::Policy {
+                operator_namespace: "default".into(),
+                require_connection_ref: false,
+                cluster_connections: true,
+            },
         }
     }
 }
@@ -125,6 +134,45 @@ pub struct Context {
     in_backoff: Mutex<HashSet<(String, String)>>,
     /// Consecutive Kubernetes API errors per object, for error_policy's backoff.
     api_errors: Mutex<HashMap<(String, String), u32>>,
+    /// The Secrets of connections each AwxToken read in its last reconcile.
+    connection_reads: Mutex<ConnectionReads>,
+}
+
+/// (namespace, Secret name) of a connection's Secret → the AwxTokens (namespace, name) that
+/// read it, so that a change of an application secret or CA bundle reaches its tokens.
+#[derive(Default)]
+struct ConnectionReads {
+    by_secret: HashMap<(String, String), HashSet<(String, String)>>,
+    by_token: HashMap<(String, String), Vec<(String, String)>>,
+}
+
+impl ConnectionReads {
+    fn set(&mut self, token: (String, String), secrets: Vec<(String, String)>) {
+        for old in self.by_token.remove(&token).unwrap_or_default() {
+            if let Some(tokens) = self.by_secret.get_mut(&old) {
+                tokens.remove(&token);
+                if tokens.is_empty() {
+                    self.by_secret.remove(&old);
+                }
+            }
+        }
+        for secret in &secrets {
+            self.by_secret
+                .entry(secret.clone())
+                .or_default()
+                .insert(token.clone());
+        }
+        if !secrets.is_empty() {
+            self.by_token.insert(token, secrets);
+        }
+    }
+
+    fn tokens_of(&self, namespace: &str, name: &str) -> Vec<(String, String)> {
+        self.by_secret
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Context {
@@ -138,6 +186,7 @@ impl Context {
             metrics,
             in_backoff: Mutex::default(),
             api_errors: Mutex::default(),
+            connection_reads: Mutex::default(),
         }
     }
 
@@ -205,6 +254,7 @@ async fn apply(token: &AwxToken, ctx: &Context) -> Result<Action, Error> {
     let applied = execute::apply(token, &ctx.env()).await?;
     let key = key_of(token);
     lock(&ctx.api_errors).remove(&key);
+    lock(&ctx.connection_reads).set(key.clone(), applied.connection_secrets);
     ctx.set_in_backoff(key.clone(), applied.failing_since.is_some());
     ctx.metrics.set_schedule(&key.0, &key.1, applied.schedule);
     ctx.metrics
@@ -227,6 +277,7 @@ async fn cleanup(token: &AwxToken, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_failing_since(&key.0, &key.1, None);
     ctx.set_in_backoff(key.clone(), false);
     lock(&ctx.api_errors).remove(&key);
+    lock(&ctx.connection_reads).set(key, Vec::new());
     Ok(Action::await_change())
 }
 
@@ -365,16 +416,24 @@ impl SecretIndex {
 /// write concerns nobody: the reconcile that wrote it knew.
 fn affected_tokens(
     index: &SecretIndex,
-    cluster: &KubeCluster,
+    ctx: &Context,
     secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<AwxToken>> {
     let ns = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     let mut names = index.tokens_of(&ns, &name);
-    if names.is_empty() && secret.labels().get(secrets::MANAGED_BY_LABEL).is_none() {
+    // Tokens in other namespaces that read this Secret through their connection.
+    let through_connections = lock(&ctx.connection_reads).tokens_of(&ns, &name);
+    if names.is_empty()
+        && through_connections.is_empty()
+        && secret.labels().get(secrets::MANAGED_BY_LABEL).is_none()
+    {
         return Vec::new();
     }
-    if cluster.is_own_write(&ns, &name, secret.resource_version().as_deref()) {
+    if ctx
+        .cluster
+        .is_own_write(&ns, &name, secret.resource_version().as_deref())
+    {
         return Vec::new();
     }
     if secret
@@ -386,11 +445,15 @@ fn affected_tokens(
     {
         names.push(owner.clone());
     }
-    names.sort();
-    names.dedup();
-    names
+    let mut refs: Vec<(String, String)> = names
         .into_iter()
-        .map(|n| ObjectRef::new(&n).within(&ns))
+        .map(|n| (ns.clone(), n))
+        .chain(through_connections)
+        .collect();
+    refs.sort();
+    refs.dedup();
+    refs.into_iter()
+        .map(|(ns, n)| ObjectRef::new(&n).within(&ns))
         .collect()
 }
 
@@ -469,6 +532,19 @@ pub async fn run(
         }
     });
     let mapper_ctx = ctx.clone();
+    let (cluster_store, namespaced_store) = (store.clone(), store.clone());
+    let connection_client = ctx.cluster.client().clone();
+    let namespaced_connections = match &namespace {
+        Some(ns) => Api::namespaced(connection_client.clone(), ns),
+        None => Api::all(connection_client.clone()),
+    };
+    // An operator that watches one namespace has no rights on cluster-scoped objects.
+    let cluster_connections = namespace.is_none().then(|| Api::all(connection_client));
+    let connections_task = tokio::spawn(connections::run(
+        ctx.clone(),
+        namespace.clone(),
+        store.clone(),
+    ));
     // Secrets are watched as metadata only: their data never enters this process's caches,
     // and nothing of them is kept.
     let secret_events = watcher(secret_api, watcher::Config::default().any_semantic())
@@ -476,8 +552,34 @@ pub async fn run(
         .touched_objects();
     controller
         .watches_stream(secret_events, move |secret| {
-            affected_tokens(&index, &mapper_ctx.cluster, &secret)
+            affected_tokens(&index, &mapper_ctx, &secret)
         })
+        .watches_stream(
+            connections::spec_changes::<crate::connection::ClusterAwxConnection>(
+                cluster_connections,
+            ),
+            move |c| {
+                connections::users(
+                    &cluster_store,
+                    ConnectionKind::ClusterAwxConnection,
+                    None,
+                    &c.name_any(),
+                )
+            },
+        )
+        .watches_stream(
+            connections::spec_changes::<crate::connection::AwxConnection>(Some(
+                namespaced_connections,
+            )),
+            move |c| {
+                connections::users(
+                    &namespaced_store,
+                    ConnectionKind::AwxConnection,
+                    c.namespace().as_deref(),
+                    &c.name_any(),
+                )
+            },
+        )
         .reconcile_on(paced_renewals(ctx.clone(), store.clone()))
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
@@ -490,6 +592,7 @@ pub async fn run(
             }
         })
         .await;
+    connections_task.abort();
 }
 
 /// How often the pacer is asked for renewals pulled earlier than their reconcile.

@@ -11,6 +11,7 @@ use super::cluster::Cluster;
 use crate::{
     Error,
     awx::{ClientCredentials, RevocationCredentials, TokenGrant},
+    connection::{Resolution, Via},
     crd::{AwxToken, GrantType},
     secrets::{self, Ownership},
     spec::{self, SpecError, ValidSpec},
@@ -46,6 +47,17 @@ impl Refusal {
             reason: "CredentialsNotFound",
             message: format!(
                 "Secret {name:?} in this namespace does not exist; create it with the {what}"
+            ),
+        }
+    }
+
+    /// A Secret of the connection is missing or incomplete: only its owner can fix it.
+    fn connection_secret(via: &Via, what: &str) -> Self {
+        Self {
+            reason: "ConnectionSecretMissing",
+            message: format!(
+                "the {what} Secret of {} is missing or incomplete; ask the connection's owner",
+                via.describe()
             ),
         }
     }
@@ -121,18 +133,23 @@ impl Inputs {
     }
 }
 
-/// Reads everything about `token` from the API server.
-pub async fn observe(token: &AwxToken, cluster: &impl Cluster) -> Result<Observed, Error> {
+/// Reads everything about `resolved.token` from the API server.
+pub async fn observe(resolved: &Resolution<'_>, cluster: &impl Cluster) -> Result<Observed, Error> {
+    let token = resolved.token.as_ref();
+    let via = resolved.via.as_ref();
     let ns = token.namespace().unwrap_or_default();
-    let valid = spec::validate(&token.spec);
+    let valid = match &resolved.refused {
+        Some(refused) => Err(refused.clone()),
+        None => spec::validate(&token.spec),
+    };
     let (state, stored, predecessor_state) = read_state(token, cluster).await?;
     let target = cluster.get_secret(&ns, &token.secret_name()).await?;
     let target_ownership = secrets::ownership(target.as_ref(), token);
-    let ca = read_ca_bundle(token, cluster).await?;
+    let ca = read_ca_bundle(token, via, cluster).await?;
     let ca_bundle = ca.as_ref().ok().cloned().flatten();
     let inputs = match ca {
         Err(refusal) => Err(refusal),
-        Ok(ca) => read_credentials(token, valid.as_ref().ok(), ca.as_deref(), cluster).await?,
+        Ok(ca) => read_credentials(token, via, valid.as_ref().ok(), ca.as_deref(), cluster).await?,
     };
     Ok(Observed {
         valid,
@@ -173,39 +190,57 @@ pub async fn read_state(
     }
 }
 
+/// The CA bundle Secret, from the AwxToken's namespace or its connection's.
 async fn read_ca_bundle(
     token: &AwxToken,
+    via: Option<&Via>,
     cluster: &impl Cluster,
 ) -> Result<Result<Option<Vec<u8>>, Refusal>, Error> {
     let Some(ca) = &token.spec.awx.ca_bundle_secret_ref else {
         return Ok(Ok(None));
     };
-    let ns = token.namespace().unwrap_or_default();
-    let Some(secret) = cluster.get_secret(&ns, &ca.name).await? else {
-        return Ok(Err(Refusal::secret_missing(
-            &ca.name,
-            "AWX CA bundle (PEM)",
-        )));
+    let Some(via) = via else {
+        let ns = token.namespace().unwrap_or_default();
+        let Some(secret) = cluster.get_secret(&ns, &ca.name).await? else {
+            return Ok(Err(Refusal::secret_missing(
+                &ca.name,
+                "AWX CA bundle (PEM)",
+            )));
+        };
+        return Ok(pem_of(&secret, &ca.name, &ca.key));
     };
+    // The connection's Secret: its name is told to nobody who cannot read the connection, and
+    // the message sends the token's owner to the connection's.
+    let Some(secret) = cluster.get_secret(&via.secrets_namespace, &ca.name).await? else {
+        return Ok(Err(Refusal::connection_secret(via, "CA bundle")));
+    };
+    Ok(
+        pem_of(&secret, &ca.name, &ca.key)
+            .map_err(|_| Refusal::connection_secret(via, "CA bundle")),
+    )
+}
+
+fn pem_of(secret: &Secret, name: &str, key: &str) -> Result<Option<Vec<u8>>, Refusal> {
     match secret
         .data
         .as_ref()
-        .and_then(|d| d.get(&ca.key))
+        .and_then(|d| d.get(key))
         .filter(|v| !v.0.is_empty())
     {
-        Some(pem) => Ok(Ok(Some(pem.0.clone()))),
-        None => Ok(Err(Refusal::key_missing(
-            &ca.name,
-            &ca.key,
-            "AWX CA bundle (PEM)",
-        ))),
+        Some(pem) => Ok(Some(pem.0.clone())),
+        None => Err(Refusal::key_missing(name, key, "AWX CA bundle (PEM)")),
     }
 }
 
 /// Reads the credentials Secret. Nothing is sent anywhere with an empty credential: a missing
 /// key is a refusal.
+///
+/// Through a connection with an application, the client id and secret come from the
+/// connection's Secret, and the AwxToken's credentials Secret holds only the user's own login
+/// (it is not read at all when the grant needs none).
 async fn read_credentials(
     token: &AwxToken,
+    via: Option<&Via>,
     valid: Option<&ValidSpec>,
     ca_bundle: Option<&[u8]>,
     cluster: &impl Cluster,
@@ -213,15 +248,39 @@ async fn read_credentials(
     let grant = &token.spec.grant;
     let refs = &grant.credentials_secret_ref;
     let ns = token.namespace().unwrap_or_default();
-    let Some(creds) = cluster.get_secret(&ns, &refs.name).await? else {
-        return Ok(Err(Refusal::secret_missing(&refs.name, "AWX credentials")));
+    let application = via.and_then(|v| v.application.as_ref().map(|a| (v, a)));
+    let (needs_user, needs_client) = match grant.type_ {
+        GrantType::Password => (true, true),
+        GrantType::ClientCredentials => (false, true),
+        GrantType::PersonalAccessToken => (true, false),
     };
-    let read = |key: &str| -> Option<String> {
-        let data = creds.data.as_ref()?;
+    let creds = if needs_user || (needs_client && application.is_none()) {
+        match cluster.get_secret(&ns, &refs.name).await? {
+            Some(creds) => Some(creds),
+            None => return Ok(Err(Refusal::secret_missing(&refs.name, "AWX credentials"))),
+        }
+    } else {
+        None
+    };
+    let app_secret = match application {
+        Some((via, app)) if needs_client => {
+            match cluster
+                .get_secret(&via.secrets_namespace, &app.name)
+                .await?
+            {
+                Some(s) => Some(s),
+                None => return Ok(Err(Refusal::connection_secret(via, "OAuth2 application"))),
+            }
+        }
+        _ => None,
+    };
+    let value = |secret: Option<&Secret>, key: &str| -> Option<String> {
+        let data = secret?.data.as_ref()?;
         let value = String::from_utf8(data.get(key)?.0.clone()).ok()?;
         let value = value.trim_end_matches(['\n', '\r']).to_string();
         (!value.is_empty()).then_some(value)
     };
+    let read = |key: &str| value(creds.as_ref(), key);
     let require = |key: &str, what: &str| {
         read(key).ok_or_else(|| Refusal::key_missing(&refs.name, key, what))
     };
@@ -238,11 +297,6 @@ async fn read_credentials(
         token.spec.awx.flavor, grant.type_, grant.scope, token.spec.awx.insecure_skip_tls_verify
     ));
     feed(grant.description.as_deref().unwrap_or(""));
-    let (needs_user, needs_client) = match grant.type_ {
-        GrantType::Password => (true, true),
-        GrantType::ClientCredentials => (false, true),
-        GrantType::PersonalAccessToken => (true, false),
-    };
     let mut inputs = Inputs {
         username: None,
         password: None,
@@ -262,7 +316,23 @@ async fn read_credentials(
         inputs.username = Some(u);
         inputs.password = Some(SecretString::from(p));
     }
-    if needs_client {
+    if needs_client && let Some((via, app)) = application {
+        let (Some(id), secret) = (
+            value(app_secret.as_ref(), &app.client_id_key),
+            value(app_secret.as_ref(), &app.client_secret_key),
+        ) else {
+            return Ok(Err(Refusal::connection_secret(via, "OAuth2 application")));
+        };
+        if grant.type_ == GrantType::ClientCredentials && secret.is_none() {
+            return Ok(Err(Refusal::connection_secret(via, "OAuth2 application")));
+        }
+        feed(&id);
+        feed(secret.as_deref().unwrap_or(""));
+        inputs.client = Some(ClientCredentials {
+            client_id: id,
+            client_secret: secret.map(SecretString::from),
+        });
+    } else if needs_client {
         let id = match require(&refs.client_id_key, "OAuth2 application client_id") {
             Ok(id) => id,
             Err(e) => return Ok(Err(e)),

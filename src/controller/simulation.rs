@@ -261,6 +261,22 @@ fn key(namespace: &str, name: &str) -> String {
 }
 
 impl Cluster for Sim {
+    // The simulated AwxTokens carry spec.awx inline: no connection, no namespace to admit.
+    async fn connection(
+        &self,
+        _namespace: &str,
+        _r: &crate::connection::ConnectionRef,
+    ) -> Result<Option<crate::connection::ConnectionView>, Error> {
+        Ok(None)
+    }
+
+    async fn namespace_labels(
+        &self,
+        _namespace: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, Error> {
+        Ok(None)
+    }
+
     async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>, Error> {
         self.kube_op().await?;
         Ok(lock(&self.world)

@@ -64,7 +64,7 @@ pub fn render(
         rotated_for: state.rotated_for.clone(),
         failed_attempts: state.failure.as_ref().map_or(0, |r| r.attempts),
         last_failure_time: state.failure.as_ref().map(|r| Time(r.at)),
-        last_failure_message: state.failure.as_ref().map(|r| r.message.clone()),
+        last_failure_message: state.failure.as_ref().map(|r| failure_message(f, r)),
     };
     let problem = problem(f);
     let usable =
@@ -306,6 +306,14 @@ pub fn works(current: &HeldToken, now: Timestamp) -> bool {
     current.rejected_at.is_none() && current.expires_at.is_none_or(|e| e > now)
 }
 
+/// A failure's message, naming the connection the request went through, if any.
+fn failure_message(f: &Facts<'_>, failure: &crate::state::FailureRecord) -> String {
+    match &f.spec.connection_ref {
+        Some(r) => format!("{} (through {:?} {:?})", failure.message, r.kind, r.name),
+        None => failure.message.clone(),
+    }
+}
+
 /// What keeps the next token from being obtained, if anything.
 fn problem(f: &Facts<'_>) -> Option<Problem> {
     let p = |reason: &str, message: String| {
@@ -315,7 +323,7 @@ fn problem(f: &Facts<'_>) -> Option<Problem> {
         })
     };
     match f.valid {
-        Err(e) => return p("InvalidSpec", e.to_string()),
+        Err(e) => return p(e.reason, e.to_string()),
         Ok(valid) => {
             if let Some(allowed) = f.allowed_hosts
                 && !crate::decide::host_allowed(allowed, &valid.host)
@@ -345,7 +353,7 @@ fn problem(f: &Facts<'_>) -> Option<Problem> {
         return p(blocker.reason, blocker.message.to_string());
     }
     if let Some(failure) = &f.state.failure {
-        return p(&failure.reason, failure.message.clone());
+        return p(&failure.reason, failure_message(f, failure));
     }
     None
 }

@@ -674,7 +674,7 @@ pub(crate) async fn service_account_token(env: &Env, ns: &str, sa: &str) -> Resu
 }
 
 /// A kubeconfig for the test cluster that authenticates with `token` only.
-fn token_kubeconfig(env: &Env, name: &str, token: &str) -> Result<PathBuf, String> {
+pub(crate) fn token_kubeconfig(env: &Env, name: &str, token: &str) -> Result<PathBuf, String> {
     let admin: Value =
         serde_json::from_str(&env.kubectl(&["config", "view", "--raw", "--minify", "-o", "json"])?)
             .map_err(|e| e.to_string())?;
@@ -877,7 +877,7 @@ pub(crate) fn log_shows_no_refusal(log_path: &Path) -> TestResult {
 }
 
 /// `kubectl auth can-i` as the identity of `kubeconfig`: true for yes.
-fn can_i(env: &Env, kubeconfig: &Path, args: &[&str]) -> Result<bool, String> {
+pub(crate) fn can_i(env: &Env, kubeconfig: &Path, args: &[&str]) -> Result<bool, String> {
     let mut full = vec!["auth", "can-i"];
     full.extend(args);
     let r = run_tool(env, "kubectl", kubeconfig, &full, "")?;
@@ -1142,6 +1142,30 @@ pub async fn chart_rbac_cluster_wide_install_runs_the_operator(env: Arc<Env>) ->
         !can_i(&env, &c.kubeconfig, &["delete", "secrets", "-n", &apps])?,
         "cluster-wide: still no Secret deletion"
     );
+    for rule in [
+        &["watch", "clusterawxconnections.awx-token-operator.io"][..],
+        &[
+            "watch",
+            "awxconnections.awx-token-operator.io",
+            "--all-namespaces",
+        ],
+        &[
+            "patch",
+            "clusterawxconnections.awx-token-operator.io",
+            "--subresource=status",
+        ],
+        &["get", "namespaces"],
+    ] {
+        ensure!(
+            can_i(&env, &c.kubeconfig, rule)?,
+            "cluster-wide: may {}",
+            rule.join(" ")
+        );
+    }
+    ensure!(
+        !can_i(&env, &c.kubeconfig, &["list", "namespaces"])?,
+        "cluster-wide: namespaces are read one by one, never listed"
+    );
     Ok(())
 }
 
@@ -1195,7 +1219,7 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    ensure!(files.len() >= 7, "examples: {files:?}");
+    ensure!(files.len() >= 9, "examples: {files:?}");
     let mut token_count = 0;
     for file in &files {
         let name = file.display().to_string();
@@ -1208,8 +1232,15 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
             );
             if doc["kind"] == "AwxToken" {
                 token_count += 1;
-                let token: awx_token_operator::crd::AwxToken =
+                let mut token: awx_token_operator::crd::AwxToken =
                     serde_json::from_value(doc.clone()).map_err(|e| format!("{name}: {e}"))?;
+                if let Some(both) = awx_token_operator::connection::exclusive(&token.spec) {
+                    return Err(format!("{name}: {both}"));
+                }
+                if token.spec.connection_ref.is_some() {
+                    // The connection's awx block takes the place of the token's.
+                    token.spec.awx.url = "https://awx.example.com".into();
+                }
                 awx_token_operator::spec::validate(&token.spec)
                     .map_err(|e| format!("{name}: the operator rejects the spec: {e}"))?;
             }
@@ -1225,7 +1256,7 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
             "{name}: objects accepted ({out})"
         );
     }
-    ensure!(token_count >= 7, "AwxTokens in examples: {token_count}");
+    ensure!(token_count >= 9, "AwxTokens in examples: {token_count}");
 
     // deploy/ as a kustomize base, moved to a namespace of this scenario by an overlay.
     let target = env.namespace("chart-deploy").await?;
@@ -1243,6 +1274,9 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
         kinds(&docs),
         owned(&[
             ("Namespace", ""),
+            // AwxToken, ClusterAwxConnection, AwxConnection.
+            ("CustomResourceDefinition", ""),
+            ("CustomResourceDefinition", ""),
             ("CustomResourceDefinition", ""),
             ("ServiceAccount", &target),
             ("ClusterRole", ""),
@@ -1254,7 +1288,7 @@ pub async fn chart_examples_and_plain_manifests_pass_server_dry_run(env: Arc<Env
         ]),
         "deploy/ objects"
     );
-    // The CRD in deploy/ carries CEL rules, which a 1.20 server rejects: left out here
+    // The CRDs in deploy/ carry CEL rules, which a 1.20 server rejects: left out here
     // (tests/check-generated.sh keeps it identical to crds/).
     let to_apply: Vec<Value> = docs
         .into_iter()

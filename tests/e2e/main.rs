@@ -8,6 +8,7 @@
 #[macro_use]
 mod support;
 mod chart;
+mod connections;
 mod consumers;
 mod image;
 mod ops;
@@ -82,6 +83,10 @@ fn all() -> Vec<(&'static str, Scenario)> {
         scenario!(ops::ops_rate_limit_holds_for_fifty_tokens_at_once),
         scenario!(ops::ops_renewals_due_together_are_started_early_not_late),
         scenario!(ops::ops_host_outside_allow_list_gets_no_request),
+        scenario!(
+            connections::connections_cluster_connection_serves_admitted_namespaces_without_their_seeing_its_secret
+        ),
+        scenario!(connections::connections_inline_awx_is_refused_when_connections_are_required),
         scenario!(chart::chart_lint_template_and_server_dry_run),
         scenario!(chart::chart_install_upgrade_uninstall_keeps_the_crd),
         scenario!(chart::chart_rbac_namespaced_install_runs_the_operator),

@@ -130,10 +130,20 @@ impl Env {
             .map_err(|e| e.to_string())?;
         ensure!(crd.status.success(), "crd command failed");
         self.kubectl_stdin(&["apply", "-f", "-"], &String::from_utf8_lossy(&crd.stdout))?;
+        for kind in ["cluster-awx-connection", "awx-connection"] {
+            let crd = Command::new(&self.operator_bin)
+                .args(["connection-crd", kind, "--without-cel"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            ensure!(crd.status.success(), "connection-crd {kind} failed");
+            self.kubectl_stdin(&["apply", "-f", "-"], &String::from_utf8_lossy(&crd.stdout))?;
+        }
         self.kubectl(&[
             "wait",
             "--for=condition=Established",
             "crd/awxtokens.awx-token-operator.io",
+            "crd/clusterawxconnections.awx-token-operator.io",
+            "crd/awxconnections.awx-token-operator.io",
             "--timeout=30s",
         ])?;
         let status = Command::new("bash")
@@ -865,9 +875,15 @@ impl Operator {
                 backoff.extend([flag, value]);
             }
         }
+        // An empty namespace: the operator watches every namespace.
+        let watch: &[&str] = if self.namespace.is_empty() {
+            &[]
+        } else {
+            &["--namespace", &self.namespace]
+        };
         let child = Command::new(&self.bin)
             .arg("run")
-            .args(["--namespace", &self.namespace])
+            .args(watch)
             .args(["--http-addr", &format!("127.0.0.1:{}", self.port)])
             .args(&backoff)
             .args(&self.args)

@@ -76,6 +76,21 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
 - apiGroups: ["awx-token-operator.io"]
   resources: ["awxtokens/status"]
   verbs: ["patch"]
+# Connections: an AwxToken's spec.connectionRef is read at each reconcile; their own reconcile
+# (and the AwxTokens' re-issue on a change) watches them.
+- apiGroups: ["awx-token-operator.io"]
+  resources: ["awxconnections"{{ if not .Values.watchNamespace }}, "clusterawxconnections"{{ end }}]
+  verbs: ["get", "list", "watch"]
+# A connection's status (Ready, flavour, tokens) is written with server-side apply.
+- apiGroups: ["awx-token-operator.io"]
+  resources: ["awxconnections/status"{{ if not .Values.watchNamespace }}, "clusterawxconnections/status"{{ end }}]
+  verbs: ["patch"]
+{{- if not .Values.watchNamespace }}
+# Namespaces: a ClusterAwxConnection admits AwxTokens by their namespace's labels.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
+{{- end }}
 # Secrets: get reads the credentials and CA-bundle Secrets named by AwxTokens and the Secrets
 # the operator owns; list and watch follow Secret metadata only (never data) to notice changed
 # credentials and repair owned Secrets; patch writes the token Secrets with server-side apply;
