@@ -7,6 +7,7 @@ pub mod decide;
 pub mod election;
 #[cfg(test)]
 mod fixtures;
+pub mod login;
 pub mod metrics;
 pub mod schedule;
 pub mod secrets;
