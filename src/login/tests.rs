@@ -763,3 +763,191 @@ fn awx_token_uses_the_authorization_code_grant_with_the_credentials_secret() {
     );
     assert_no_secret(&token.to_string());
 }
+
+// ---------------------------------------------------------------- the cluster write
+
+type ApiHandle =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+/// One request the mocked API server saw: method, path and query, body.
+struct Seen {
+    method: String,
+    target: String,
+    body: Value,
+}
+
+/// Answers each request with the next of `answers` (status, body) and reports what it saw.
+fn api_server(answers: Vec<(u16, Value)>) -> (kube::Client, tokio::task::JoinHandle<Vec<Seen>>) {
+    let (service, mut handle): (_, ApiHandle) = tower_test::mock::pair();
+    let client = kube::Client::new(service, "default");
+    let server = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for (status, answer) in answers {
+            let Some((request, respond)) = handle.next_request().await else {
+                break;
+            };
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            seen.push(Seen {
+                method: parts.method.to_string(),
+                target: parts.uri.path_and_query().unwrap().to_string(),
+                body: serde_json::from_slice(&bytes).unwrap(),
+            });
+            respond.send_response(
+                http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(answer.to_string().into_bytes()))
+                    .unwrap(),
+            );
+        }
+        seen
+    });
+    (client, server)
+}
+
+#[tokio::test]
+async fn the_secret_then_the_awx_token_are_server_side_applied() {
+    let sign_in = signed_in(Some(CLIENT_SECRET), false);
+    let (client, server) = api_server(vec![
+        (200, credentials_secret(&sign_in)),
+        (200, awx_token(&sign_in)),
+    ]);
+    write_to_cluster(client, &sign_in).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].method, "PATCH");
+    assert_eq!(
+        seen[0].target,
+        "/api/v1/namespaces/apps/secrets/awx-sign-in?&force=true&fieldManager=awx-token-operator-login"
+    );
+    assert_eq!(seen[0].body, credentials_secret(&sign_in));
+    assert_eq!(seen[1].method, "PATCH");
+    assert_eq!(
+        seen[1].target,
+        "/apis/awx-token-operator.io/v1alpha1/namespaces/apps/awxtokens/awx?&force=true&fieldManager=awx-token-operator-login"
+    );
+    assert_eq!(seen[1].body, awx_token(&sign_in));
+}
+
+#[tokio::test]
+async fn an_awx_token_the_crd_refuses_is_reported_as_unsupported_after_the_secret() {
+    let sign_in = signed_in(Some(CLIENT_SECRET), false);
+    let refusal = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "AwxToken.awx-token-operator.io \"awx\" is invalid: spec.grant.type: Unsupported value: \"AuthorizationCode\"",
+        "reason": "Invalid", "code": 422
+    });
+    let (client, server) = api_server(vec![(200, credentials_secret(&sign_in)), (422, refusal)]);
+    let error = write_to_cluster(client, &sign_in).await.unwrap_err();
+    assert_eq!(server.await.unwrap().len(), 2);
+    match &error {
+        LoginError::WriteAwxToken {
+            namespace,
+            name,
+            secret,
+            unsupported,
+            ..
+        } => {
+            assert_eq!(
+                (namespace.as_str(), name.as_str(), secret.as_str()),
+                ("apps", "awx", "awx-sign-in")
+            );
+            assert!(unsupported);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_no_secret(&error.to_string());
+}
+
+#[tokio::test]
+async fn a_tls_handshake_failure_is_reported_with_the_ca_bundle_flag() {
+    // A plain HTTP server behind an https:// URL: the handshake fails.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = plain.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for mut stream in plain.incoming().flatten() {
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = AwxClient::new(
+        Endpoint {
+            base_url: Url::parse(&format!("https://{address}/")).unwrap(),
+            ca_bundle_pem: None,
+            insecure_skip_tls_verify: false,
+            timeout: Duration::from_secs(10),
+        },
+        RequestLimits::default(),
+        None,
+    )
+    .unwrap();
+    let error = sign_in(
+        &client,
+        FlavorArg::Auto,
+        &credentials(None),
+        CallbackListener::bind(0).await.unwrap(),
+        Browser::Print,
+        Duration::from_secs(60),
+        Scope::Write,
+        &mut |_| {},
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(error, LoginError::Tls { .. }), "{error:?}");
+    assert!(error.to_string().contains("pass --ca-bundle"), "{error}");
+}
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    login: LoginArgs,
+}
+
+fn args(extra: &[&str]) -> LoginArgs {
+    use clap::Parser as _;
+    let mut argv = vec!["login", "--client-id", "cid", "--name", "awx"];
+    argv.extend_from_slice(extra);
+    Cli::try_parse_from(argv).unwrap().login
+}
+
+#[test]
+fn flags_have_the_documented_defaults() {
+    let parsed = args(&["--url", "https://awx.example.com"]);
+    assert_eq!(parsed.port, 8400);
+    assert_eq!(parsed.timeout, Duration::from_secs(300));
+    assert_eq!(parsed.flavor, FlavorArg::Auto);
+    assert_eq!(parsed.scope, ScopeArg::Write);
+    assert!(!parsed.no_browser && !parsed.allow_insecure_http);
+    assert!(parsed.client_secret_file.is_none() && parsed.namespace.is_none());
+}
+
+#[tokio::test]
+async fn an_http_url_is_refused_before_anything_else_happens() {
+    let error = run(args(&["--url", "http://awx.example.com"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, LoginError::InsecureUrl { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn an_unreadable_client_secret_file_is_named() {
+    let error = run(args(&[
+        "--url",
+        "https://awx.example.com",
+        "--client-secret-file",
+        "/nonexistent/secret",
+    ]))
+    .await
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot read --client-secret-file /nonexistent/secret: "),
+        "{error}"
+    );
+}
