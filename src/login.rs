@@ -814,6 +814,9 @@ pub async fn sign_in(
         .exchange_code(flavor, credentials, &code, &redirect, &pkce.verifier, scope)
         .await
         .map_err(LoginError::from_awx)?;
+    // The access token is dropped, not revoked: revoking or deleting it would break its
+    // refresh token (AWX then fails every refresh with 500, docs/awx-protocol.md#delete-token).
+    // The operator's first refresh deletes it.
     let refresh_token = token.refresh_token.ok_or(LoginError::NoRefreshToken)?;
     Ok(Exchanged {
         flavor,
