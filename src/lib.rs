@@ -8,6 +8,7 @@ pub mod decide;
 pub mod election;
 #[cfg(test)]
 mod fixtures;
+pub mod login;
 pub mod metrics;
 pub mod schedule;
 pub mod secrets;

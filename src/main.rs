@@ -9,7 +9,7 @@ use std::{
 use awx_token_operator::{
     connection::{self, ConnectionKind},
     controller::{self, Context, Settings},
-    crd, election,
+    crd, election, login,
     metrics::Metrics,
     server::{self, Health},
     spec::parse_duration,
@@ -32,6 +32,9 @@ struct Cli {
 enum Command {
     /// Run the controller (in a cluster, or outside one from a kubeconfig).
     Run(Box<RunArgs>),
+    /// Sign in once through the browser (OAuth2 authorization code with PKCE) and write an
+    /// AwxToken whose credentials Secret holds a refresh token and no password.
+    Login(Box<login::LoginArgs>),
     /// Print the AwxToken CustomResourceDefinition as YAML.
     Crd {
         /// Leave out the CEL rules (x-kubernetes-validations), for Kubernetes older than 1.25.
@@ -170,6 +173,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Login(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // rustls needs one process-wide crypto provider for the kube client.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            match runtime.block_on(login::run(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("awx-token-operator login: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             telemetry::init(args.log_format, &args.log_level);
             let runtime = match tokio::runtime::Builder::new_multi_thread()

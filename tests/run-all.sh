@@ -19,6 +19,8 @@ step "unit tests"
 cargo test --lib --bins
 step "AWX stand-in self-test"
 tests/awx-standin/standin.sh test -q
+step "awx-token-operator login against the stand-ins (the browser played by reqwest)"
+cargo test --test login_standin
 step "image: the Dockerfile built without a registry (image/build.sh), run by the end-to-end suite"
 AWXTO_IMAGE_ARCHIVE="$(image/build.sh | tail -n 1)"
 export AWXTO_IMAGE_ARCHIVE AWXTO_REQUIRE_IMAGE=1

@@ -91,6 +91,21 @@ pub enum AwxError {
         description: Option<String>,
     },
 
+    /// `invalid_grant` for an authorization code: it expired (AWX keeps codes 600 s), was
+    /// used already, belongs to another application or redirect URI, or the PKCE verifier
+    /// does not match its challenge (docs/awx-protocol.md#code-exchange).
+    #[error(
+        "{at} refused the authorization code (HTTP {status}, invalid_grant{}): the code was \
+         used already or expired (AWX keeps a code 10 minutes), or it was issued to another \
+         application, or the PKCE code verifier does not match; sign in again",
+        suffix(.description)
+    )]
+    AuthorizationCodeRejected {
+        at: String,
+        status: u16,
+        description: Option<String>,
+    },
+
     /// `unauthorized_client` / `unsupported_grant_type`: the grant is not available.
     #[error("{}", grant_not_supported_message(.at, *.status, .grant_type, .error, .description))]
     GrantNotSupported {
@@ -301,6 +316,7 @@ impl AwxError {
             | Self::MissingCredentials { .. }
             | Self::InvalidClient { .. }
             | Self::InvalidCredentials { .. }
+            | Self::AuthorizationCodeRejected { .. }
             | Self::GrantNotSupported { .. }
             | Self::ExternalUserRefused { .. }
             | Self::InvalidScope { .. }
@@ -325,6 +341,7 @@ impl AwxError {
             Self::MissingCredentials { .. } => "MissingCredentials",
             Self::InvalidClient { .. } => "InvalidClient",
             Self::InvalidCredentials { .. } => "InvalidCredentials",
+            Self::AuthorizationCodeRejected { .. } => "AuthorizationCodeRejected",
             Self::GrantNotSupported { .. } => "GrantNotSupported",
             Self::ExternalUserRefused { .. } => "ExternalUserRefused",
             Self::InvalidScope { .. } => "InvalidScope",
@@ -377,6 +394,7 @@ impl AwxError {
             Self::ResponseTooLarge { status, .. } => Outcome::of_unreadable(*status),
             Self::InvalidClient { .. }
             | Self::InvalidCredentials { .. }
+            | Self::AuthorizationCodeRejected { .. }
             | Self::GrantNotSupported { .. }
             | Self::ExternalUserRefused { .. }
             | Self::InvalidScope { .. }
@@ -404,6 +422,7 @@ impl AwxError {
         match self {
             Self::InvalidClient { status, .. }
             | Self::InvalidCredentials { status, .. }
+            | Self::AuthorizationCodeRejected { status, .. }
             | Self::GrantNotSupported { status, .. }
             | Self::ExternalUserRefused { status, .. }
             | Self::InvalidScope { status, .. }

@@ -46,6 +46,14 @@ impl Flavor {
         }
     }
 
+    /// The authorize endpoint of the browser sign-in (docs/awx-protocol.md#authorize-endpoint).
+    pub fn authorize_path(self) -> &'static str {
+        match self {
+            Self::Controller => "api/o/authorize/",
+            Self::Gateway => "o/authorize/",
+        }
+    }
+
     fn token_path(self) -> &'static str {
         match self {
             Self::Controller => "api/o/token/",
@@ -547,6 +555,29 @@ impl AwxClient {
             ("scope", scope.as_str()),
         ];
         self.token_request(flavor, client, "refresh_token", form, scope, None)
+            .await
+    }
+
+    /// Trades an authorization code from a browser sign-in for a token pair
+    /// (docs/awx-protocol.md#code-exchange): the redirect URI must be the one the code was
+    /// issued for, character for character, and the verifier the one whose S256 challenge
+    /// went to the authorize endpoint.
+    pub async fn exchange_code(
+        &self,
+        flavor: Flavor,
+        client: &ClientCredentials,
+        code: &SecretString,
+        redirect_uri: &str,
+        code_verifier: &SecretString,
+        scope: Scope,
+    ) -> Result<IssuedToken, AwxError> {
+        let form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code.expose_secret()),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", code_verifier.expose_secret()),
+        ];
+        self.token_request(flavor, client, "authorization_code", form, scope, None)
             .await
     }
 
@@ -1171,6 +1202,13 @@ fn token_endpoint_failure(answer: &Answer, grant_type: &'static str, scope: Scop
                 status,
                 description,
             },
+            "invalid_grant" if grant_type == "authorization_code" => {
+                AwxError::AuthorizationCodeRejected {
+                    at,
+                    status,
+                    description,
+                }
+            }
             "invalid_grant" => AwxError::InvalidCredentials {
                 at,
                 status,

@@ -4,14 +4,18 @@ Run: tests/awx-standin/standin.sh test [-x -q ...]
 Servers: STANDIN_URL (any mode, found from /_standin/health) or STANDIN_AWX_URL,
 STANDIN_GATEWAY_URL, STANDIN_GENERIC_URL; every mode not given is started with standin.sh.
 """
+import base64
 import datetime
 import email.utils
 import hashlib
+import html.parser
 import json
 import os
+import secrets
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1102,3 +1106,240 @@ def test_start_sets_the_default_password_cost(tmp_path):
         stop(run)
     bad = subprocess.run([SH, "start", str(run), "--password-hash-iterations", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "positive integer" in bad.stderr
+
+
+# ---------------------------------------------------------------- authorization code (browser sign-in)
+
+LOOPBACK = "http://127.0.0.1:8765/callback"
+
+
+class Inputs(html.parser.HTMLParser):
+    """The <input> fields of a page's first form: name -> value (submit buttons under their value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fields, self.buttons, self.action = {}, {}, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form" and self.action is None:
+            self.action = a.get("action")
+        if tag != "input":
+            return
+        if a.get("type") == "submit":
+            self.buttons[a.get("value")] = a.get("name")
+        elif a.get("name"):
+            self.fields[a["name"]] = a.get("value") or ""
+
+
+def form_of(page):
+    p = Inputs()
+    p.feed(page)
+    return p
+
+
+def pkce_pair():
+    verifier = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    return verifier, challenge
+
+
+def authorize_path(server):
+    return "/o/authorize/" if server.mode == "gateway" else "/api/o/authorize/"
+
+
+def login_path(server):
+    return "/api/gateway/v1/login/" if server.mode == "gateway" else "/api/login/"
+
+
+def code_app(server, redirect_uris=(LOOPBACK,), client_type="confidential", **extra):
+    return server.ctl("POST", "applications", {"name": uniq("app"), "client_type": client_type,
+                                                "grant_type": "authorization-code",
+                                                "redirect_uris": list(redirect_uris), **extra})
+
+
+def authorize_url(server, app, challenge, state, redirect_uri=LOOPBACK):
+    q = {"response_type": "code", "client_id": app["client_id"], "redirect_uri": redirect_uri,
+         "scope": "read write", "state": state, "code_challenge": challenge, "code_challenge_method": "S256"}
+    return server.url + authorize_path(server) + "?" + urllib.parse.urlencode(q)
+
+
+def sign_in(server, url, user, pw):
+    """What the browser does up to the consent page: the authorize URL sends it to the login
+    page, the login form (with its CSRF token) sets a session, and the authorize URL again shows
+    the consent form. Returns (session, consent page response)."""
+    s = requests.Session()
+    r = s.get(url, allow_redirects=False, timeout=30)
+    assert r.status_code == 302, r.text
+    login = urllib.parse.urljoin(url, r.headers["Location"])
+    assert urllib.parse.urlparse(login).path == login_path(server)
+    assert urllib.parse.parse_qs(urllib.parse.urlparse(login).query)["next"] == [url[len(server.url):]]
+    page = s.get(login, timeout=30)
+    assert page.status_code == 200
+    form = form_of(page.text)
+    assert set(form.fields) == {"csrfmiddlewaretoken", "next", "username", "password"}
+    # the login page keeps "next", the authorize URL
+    assert form.fields["next"] == url[len(server.url):]
+    r = s.post(urllib.parse.urljoin(login, form.action), allow_redirects=False, timeout=30,
+               data=dict(form.fields, username=user, password=pw), headers={"Referer": login})
+    assert r.status_code == 302, r.text
+    assert urllib.parse.urljoin(login, r.headers["Location"]) == url
+    consent = s.get(url, allow_redirects=False, timeout=30)
+    return s, consent
+
+
+def consent(server, session, url, page, allow):
+    form = form_of(page.text)
+    assert form.buttons == {"Cancel": None, "Authorize": "allow"}
+    data = dict(form.fields)
+    if allow:
+        data["allow"] = "Authorize"
+    r = session.post(url, data=data, allow_redirects=False, timeout=30, headers={"Referer": url})
+    return r
+
+
+def callback_query(r, redirect_uri=LOOPBACK):
+    assert r.status_code == 302, r.text
+    loc = r.headers["Location"]
+    assert loc.split("?")[0] == redirect_uri.split("?")[0]
+    return {k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlparse(loc).query).items()}
+
+
+def exchange(server, app, code, verifier, redirect_uri=LOOPBACK):
+    data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier}
+    if app["client_secret"]:
+        return server.post(server.token_path, data=data, auth=(app["client_id"], app["client_secret"]))
+    return server.post(server.token_path, data=dict(data, client_id=app["client_id"]))
+
+
+@pytest.mark.parametrize("mode", ["awx", "gateway"])
+def test_authorization_code_flow_with_pkce(servers, mode):
+    server = servers(mode)
+    user, pw = server.user()
+    app = code_app(server)
+    assert app["redirect_uris"] == [LOOPBACK] and app["grant_type"] == "authorization-code"
+    verifier, challenge = pkce_pair()
+    state = secrets.token_urlsafe(16)
+    url = authorize_url(server, app, challenge, state)
+    s, page = sign_in(server, url, user, pw)
+    assert page.status_code == 200
+    form = form_of(page.text)
+    assert form.fields["code_challenge"] == challenge and form.fields["code_challenge_method"] == "S256"
+    assert form.fields["state"] == state and form.fields["redirect_uri"] == LOOPBACK
+    assert form.fields["client_id"] == app["client_id"] and form.fields["response_type"] == "code"
+    q = callback_query(consent(server, s, url, page, allow=True))
+    assert set(q) == {"code", "state"} and q["state"] == state
+    assert len(q["code"]) == 30 and q["code"].isalnum()
+
+    r = exchange(server, app, q["code"], verifier)
+    assert r.status_code == server.ok, r.text
+    t = r.json()
+    assert {"access_token", "refresh_token", "expires_in", "token_type", "scope"} <= set(t)
+    assert t["scope"] == "read write" and t["token_type"] == "Bearer"
+    assert t["expires_in"] == (31536000 if mode == "gateway" else 31536000000)
+    assert server.me(t["access_token"]).status_code == 200
+    # a code works once
+    r = exchange(server, app, q["code"], verifier)
+    assert r.status_code == 400 and r.json() == {"error": "invalid_grant"}
+
+    # refresh with the application's credentials alone: rotation kills the old access token at once
+    r = server.refresh(app, t["refresh_token"])
+    assert r.status_code == server.ok, r.text
+    t2 = r.json()
+    assert t2["access_token"] != t["access_token"] and t2["refresh_token"] != t["refresh_token"]
+    assert server.me(t["access_token"]).status_code == 401
+    assert server.me(t2["access_token"]).status_code == 200
+    r = server.refresh(app, t["refresh_token"])
+    assert r.status_code == 400 and r.json() == {"error": "invalid_grant"}
+
+
+def test_authorization_code_wrong_verifier_is_invalid_grant(awx):
+    user, pw = awx.user()
+    app = code_app(awx)
+    verifier, challenge = pkce_pair()
+    url = authorize_url(awx, app, challenge, "s1")
+    s, page = sign_in(awx, url, user, pw)
+    q = callback_query(consent(awx, s, url, page, allow=True))
+    r = exchange(awx, app, q["code"], pkce_pair()[0])
+    assert r.status_code == 400 and r.json() == {"error": "invalid_grant"}
+    r = exchange(awx, app, q["code"], None)
+    assert r.status_code == 400 and r.json() == {"error": "invalid_request", "error_description": "Code verifier required."}
+    # the failed attempts did not use the code up
+    r = exchange(awx, app, q["code"], verifier)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("mode", ["awx", "gateway"])
+def test_authorization_code_deny_redirects_with_access_denied(servers, mode):
+    server = servers(mode)
+    user, pw = server.user()
+    app = code_app(server)
+    url = authorize_url(server, app, pkce_pair()[1], "st-deny")
+    s, page = sign_in(server, url, user, pw)
+    q = callback_query(consent(server, s, url, page, allow=False))
+    assert q == {"error": "access_denied", "state": "st-deny"}
+    assert server.live(application=app["name"])["access_tokens"] == []
+
+
+@pytest.mark.parametrize("mode", ["awx", "gateway"])
+def test_authorization_code_unregistered_redirect_uri_never_redirects(servers, mode):
+    server = servers(mode)
+    user, pw = server.user()
+    app = code_app(server)
+    for wrong in ("http://127.0.0.1:8766/callback", "http://localhost:8765/callback",
+                  "http://127.0.0.1:8765/other"):
+        url = authorize_url(server, app, pkce_pair()[1], "st", redirect_uri=wrong)
+        s, page = sign_in(server, url, user, pw)
+        assert page.status_code == 400 and "Location" not in page.headers
+        assert "Mismatching redirect URI." in page.text
+
+
+def test_authorization_code_loopback_without_port_allows_any_port(awx):
+    """RFC 8252 §7.3 as DOT implements it: a registered 127.0.0.1 URI without a port."""
+    user, pw = awx.user()
+    app = code_app(awx, redirect_uris=("http://127.0.0.1/callback",))
+    verifier, challenge = pkce_pair()
+    url = authorize_url(awx, app, challenge, "st", redirect_uri="http://127.0.0.1:40123/callback")
+    s, page = sign_in(awx, url, user, pw)
+    assert page.status_code == 200
+    q = callback_query(consent(awx, s, url, page, allow=True), "http://127.0.0.1:40123/callback")
+    r = exchange(awx, app, q["code"], verifier, redirect_uri="http://127.0.0.1:40123/callback")
+    assert r.status_code == 200, r.text
+
+
+def test_authorization_code_public_app_and_skip_authorization(awx):
+    user, pw = awx.user()
+    app = code_app(awx, client_type="public", skip_authorization=True)
+    assert app["client_secret"] is None and app["skip_authorization"] is True
+    verifier, challenge = pkce_pair()
+    url = authorize_url(awx, app, challenge, "st-skip")
+    s, page = sign_in(awx, url, user, pw)
+    q = callback_query(page)  # no consent page: straight back with a code
+    assert q["state"] == "st-skip"
+    r = exchange(awx, app, q["code"], verifier)
+    assert r.status_code == 200, r.text
+
+
+def test_login_page_failed_login_is_401(awx):
+    user, pw = awx.user()
+    s = requests.Session()
+    page = s.get(awx.url + "/api/login/", timeout=30)
+    form = form_of(page.text)
+    r = s.post(awx.url + "/api/login/", data=dict(form.fields, username=user, password="wrong"),
+               allow_redirects=False, timeout=30)
+    assert r.status_code == 401
+    r = s.post(awx.url + "/api/login/", data=dict(form.fields, username=user, password=pw), allow_redirects=False,
+               timeout=30)
+    assert r.status_code == 302 and r.headers["X-API-Session-Cookie-Name"] == "awx_sessionid"
+    assert "awx_sessionid" in s.cookies
+    # no CSRF token, no login
+    r = requests.post(awx.url + "/api/login/", data={"username": user, "password": pw}, allow_redirects=False,
+                      timeout=30)
+    assert r.status_code == 403
+
+
+def test_authorization_code_app_needs_redirect_uris(awx):
+    r = requests.post(awx.url + "/_standin/applications", timeout=30,
+                      json={"name": uniq("app"), "grant_type": "authorization-code", "redirect_uris": []})
+    assert r.status_code == 400
+    assert r.json() == {"error": "redirect_uris cannot be empty with grant_type authorization-code"}

@@ -75,7 +75,12 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
 }
 OAUTH2_PROVIDER = {}
-TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True, "OPTIONS": {}}]
+# Our own login and consent pages first (DOT's consent page loads a stylesheet from the internet).
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates",
+              "DIRS": [os.path.join(os.path.dirname(__file__), "..", "standin", "templates")], "APP_DIRS": True,
+              "OPTIONS": {"context_processors": ["django.template.context_processors.request"]}}]
+# The gateway's own login page is not public; the stand-in serves a session login here (a guess).
+LOGIN_URL = "/api/gateway/v1/login/"
 
 # What django-ansible-base derives from the apps above (its own defaults: 1-year access tokens,
 # 2628000 s refresh tokens, its models, OAuth2 and session authentication, filters, pagination).

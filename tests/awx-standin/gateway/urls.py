@@ -3,6 +3,7 @@ from django.urls import include, path
 from ansible_base.lib.dynamic_config import dynamic_urls
 from ansible_base.lib.routers import AssociationResourceRouter
 from standin import control as c
+from standin import signin
 
 from . import views as v
 
@@ -22,6 +23,7 @@ urlpatterns = [
     path("api/gateway/v1/", v.V1Root.as_view()),
     path("api/gateway/v1/ping/", v.Ping.as_view()),
     path("api/gateway/v1/me/", v.MeView.as_view()),
+    path("api/gateway/v1/login/", signin.login),
     path("api/gateway/v1/", include(router.urls)),
     # django-ansible-base's own: tokens/, applications/ (and authenticators/), and /o/...
     path("api/gateway/v1/", include(dynamic_urls.api_version_urls)),

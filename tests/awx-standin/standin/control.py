@@ -10,6 +10,7 @@ import time
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.db import connection
 from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
@@ -367,6 +368,19 @@ def applications(request):
     if created:
         app = Application(name=data["name"], redirect_uris="", skip_authorization=False)
     app.client_type, app.authorization_grant_type, app.user = ctype, GRANTS[grant], owner
+    uris = data.get("redirect_uris", app.redirect_uris.split())
+    if isinstance(uris, str):
+        uris = uris.split()
+    if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+        return bad("redirect_uris must be a list of URIs (or one space-separated string)")
+    app.redirect_uris = " ".join(uris)
+    if "skip_authorization" in data:
+        app.skip_authorization = bool(data["skip_authorization"])
+    try:
+        # DOT's rules: an authorization-code app needs redirect URIs, each http or https.
+        app.clean()
+    except ValidationError as e:
+        return bad("; ".join(e.messages))
     if data.get("client_id"):
         app.client_id = data["client_id"]
     secret = flavour.save_application(app, data.get("client_secret") or None, created)
@@ -379,6 +393,7 @@ def app_out(a, secret=None):
     return {"id": a.id, "name": a.name, "client_id": a.client_id,
             "client_secret": None if public else secret,
             "client_type": a.client_type, "grant_type": a.authorization_grant_type,
+            "redirect_uris": a.redirect_uris.split(), "skip_authorization": a.skip_authorization,
             "user": a.user.username if a.user_id else None}
 
 

@@ -14,8 +14,23 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 USE_I18N = False
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "oauth2_provider", "awxmain", "standin"]
-MIDDLEWARE = ["standin.control.StandinMiddleware", "django.middleware.common.CommonMiddleware"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django.contrib.sessions", "oauth2_provider",
+                  "awxmain", "standin"]
+# Sessions and request.user for the browser sign-in (/api/login/, /api/o/authorize/); CSRF is
+# checked on those two views only (standin/signin.py), where AWX runs CsrfViewMiddleware for all
+# (its API views are exempt).
+MIDDLEWARE = ["standin.control.StandinMiddleware", "django.middleware.common.CommonMiddleware",
+              "django.contrib.sessions.middleware.SessionMiddleware",
+              "django.contrib.auth.middleware.AuthenticationMiddleware"]
+# Our own login and consent pages first (DOT's consent page loads a stylesheet from the internet).
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates",
+              "DIRS": [os.path.join(os.path.dirname(__file__), "templates")], "APP_DIRS": True,
+              "OPTIONS": {"context_processors": ["django.template.context_processors.request"]}}]
+# AWX 24.6.1 awx/settings/defaults.py, but for SESSION_COOKIE_SECURE and CSRF_COOKIE_SECURE
+# (True in AWX; the stand-in also serves plain HTTP).
+LOGIN_URL = "/api/login/"
+SESSION_COOKIE_NAME = "awx_sessionid"
+SESSION_COOKIE_AGE = 1800
 ROOT_URLCONF = "standin.urls"
 WSGI_APPLICATION = "standin.wsgi.application"
 # AWX 24.6.1 awx/settings/defaults.py: PostgreSQL, one transaction per request.

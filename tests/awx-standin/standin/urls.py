@@ -1,6 +1,7 @@
 from django.urls import path
 
 from . import control as c
+from . import signin
 from . import views as v
 
 urlpatterns = [
@@ -19,7 +20,8 @@ urlpatterns += [
     path("api/o/", v.oauth_root),
     path("api/o/token/", v.oauth_token),
     path("api/o/revoke_token/", v.oauth_revoke),
-    path("api/o/authorize/", v.oauth_authorize),
+    path("api/o/authorize/", signin.authorize),
+    path("api/login/", signin.login),
     path(P + "config/", v.config),
     path(P + "applications/", v.applications),
     path(P + "applications/<int:pk>/tokens/", v.application_tokens),

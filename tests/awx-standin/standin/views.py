@@ -7,7 +7,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
 from django.db import transaction
-from django.http import HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import HttpResponse, HttpResponseNotAllowed
 from django.core.paginator import Paginator as DjangoPaginator
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -273,11 +273,6 @@ def oauth_revoke(request):
     for k, v in headers.items():
         r[k] = v
     return r
-
-
-def oauth_authorize(request):
-    # Needs a logged-in browser session, which the stand-in does not offer.
-    return HttpResponseRedirect("/api/login/?next=" + request.get_full_path())
 
 
 @api_view(["GET"], anonymous=True)
