@@ -86,6 +86,14 @@ impl Flavor {
         }
     }
 
+    /// The anonymous endpoint that says the server's version (docs/awx-protocol.md#version).
+    fn ping_path(self) -> &'static str {
+        match self {
+            Self::Controller => "api/v2/ping/",
+            Self::Gateway => "api/gateway/v1/ping/",
+        }
+    }
+
     /// The endpoint whose 200 JSON answer identifies the flavour (docs/awx-protocol.md#detect-flavour).
     fn discovery_path(self) -> &'static str {
         match self {
@@ -252,7 +260,7 @@ impl fmt::Debug for RequestLimits {
 }
 
 /// Told about every request: a fixed endpoint label (`token`, `revoke_token`, `tokens`,
-/// `tokens_detail`, `me`, `discovery`), the HTTP status (`None` when no answer came) and the
+/// `tokens_detail`, `me`, `discovery`, `ping`), the HTTP status (`None` when no answer came) and the
 /// time from sending to having read the answer.
 pub trait RequestObserver: Send + Sync {
     fn observe(&self, endpoint: &'static str, status: Option<u16>, elapsed: Duration);
@@ -466,6 +474,24 @@ impl AwxClient {
     /// The base URL requests are resolved against (always ending in `/`).
     pub fn base_url(&self) -> &Url {
         &self.inner.base_url
+    }
+
+    /// The version the server says it runs (`version` of its anonymous ping answer), if it
+    /// says one: at most 64 characters of letters, digits and `.+-_`. Anything else (an error,
+    /// HTML, no such field) is `None`: the version is for people, nothing depends on it.
+    pub async fn version(&self, flavor: Flavor) -> Option<String> {
+        let answer = self
+            .send("ping", Method::GET, flavor.ping_path(), None)
+            .await
+            .ok()?;
+        if answer.status != 200 {
+            return None;
+        }
+        let object = wire::json_object(&answer).ok()?;
+        let version = object.get("version")?.as_str()?;
+        let plain = |c: char| c.is_ascii_alphanumeric() || ".+-_".contains(c);
+        (!version.is_empty() && version.len() <= 64 && version.chars().all(plain))
+            .then(|| version.to_string())
     }
 
     /// Tells the gateway from AWX 24.x (docs/awx-protocol.md#detect-flavour): the gateway answers `GET /api/gateway/v1/`

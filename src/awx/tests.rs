@@ -1131,6 +1131,60 @@ async fn a_narrower_gate_spaces_its_requests_at_its_own_rate_and_no_one_else_wai
     );
 }
 
+#[tokio::test]
+async fn version_is_read_from_the_anonymous_ping_and_only_when_plain() {
+    for (flavor, ping) in [
+        (Flavor::Controller, "/api/v2/ping/"),
+        (Flavor::Gateway, "/api/gateway/v1/ping/"),
+    ] {
+        let cases = [
+            (
+                ResponseTemplate::new(200).set_body_json(json!({"version": "24.6.1", "ha": false})),
+                Some("24.6.1"),
+            ),
+            (
+                ResponseTemplate::new(200).set_body_json(json!({"version": "24.6.1<script>"})),
+                None,
+            ),
+            (
+                ResponseTemplate::new(200).set_body_json(json!({"version": "9".repeat(65)})),
+                None,
+            ),
+            (
+                ResponseTemplate::new(200).set_body_json(json!({"ha": false})),
+                None,
+            ),
+            (
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/html")
+                    .set_body_string("<html>login</html>"),
+                None,
+            ),
+            (ResponseTemplate::new(500), None),
+        ];
+        for (answer, expected) in cases {
+            let server = MockServer::start().await;
+            Mock::given(method("GET"))
+                .and(path(ping))
+                .respond_with(answer)
+                .expect(1)
+                .mount(&server)
+                .await;
+            let client =
+                AwxClient::new(endpoint_for(&server.uri()), RequestLimits::default(), None)
+                    .unwrap();
+            assert_eq!(
+                client.version(flavor).await.as_deref(),
+                expected,
+                "{flavor:?}"
+            );
+            // Anonymous: no credentials sent.
+            let requests = server.received_requests().await.unwrap();
+            assert!(requests[0].headers.get("authorization").is_none());
+        }
+    }
+}
+
 /// Arrival times of requests at a mock AWX.
 #[derive(Clone, Default)]
 struct Arrivals(Arc<Mutex<Vec<Instant>>>);

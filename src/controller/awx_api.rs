@@ -166,10 +166,12 @@ impl AwxPool {
         }
     }
 
-    /// Detects the flavour at `at` afresh (a connection's health check), through the same
-    /// per-host limits as every other request.
-    pub async fn probe(&self, at: &Connection) -> Result<Flavor, AwxError> {
-        self.client(at)?.detect_flavor().await
+    /// Detects the flavour at `at` afresh (a connection's health check), and the version the
+    /// server says, through the same per-host limits as every other request.
+    pub async fn probe(&self, at: &Connection) -> Result<(Flavor, Option<String>), AwxError> {
+        let client = self.client(at)?;
+        let flavor = client.detect_flavor().await?;
+        Ok((flavor, client.version(flavor).await))
     }
 
     fn client(&self, at: &Connection) -> Result<AwxClient, AwxError> {

@@ -146,7 +146,11 @@ struct Shared {
 }
 
 /// A probe of a connection: the generation it was made for, when, and what AWX answered.
-type Probe = (Option<i64>, Instant, Result<Flavor, String>);
+type Probe = (
+    Option<i64>,
+    Instant,
+    Result<(Flavor, Option<String>), String>,
+);
 
 /// Runs the reconcile of both connection kinds (the cluster-scoped one only when the operator
 /// watches every namespace) until the process ends. AwxToken events of tokens that name a
@@ -249,7 +253,7 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, shared: Arc<Shared>) -> Res
     };
     let old = obj.status().cloned().unwrap_or_default();
     let (status, reason, message) = match &outcome {
-        Ok(flavor) => (
+        Ok((flavor, _)) => (
             "True",
             "Reachable",
             format!("AWX answers at {} as {flavor}", obj.view().awx.url),
@@ -271,8 +275,8 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, shared: Arc<Shared>) -> Res
     }
     let new = AwxConnectionStatus {
         conditions: vec![condition],
-        flavor: outcome.as_ref().ok().map(|f| f.as_str().to_string()),
-        version: None,
+        flavor: outcome.as_ref().ok().map(|(f, _)| f.as_str().to_string()),
+        version: outcome.as_ref().ok().and_then(|(_, v)| v.clone()),
         tokens,
         last_error: outcome.as_ref().err().cloned(),
         observed_generation: generation,
@@ -301,8 +305,11 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, shared: Arc<Shared>) -> Res
     Ok(Action::requeue(next.max(Duration::from_secs(1))))
 }
 
-/// Asks AWX at the connection's URL for its flavour; Err says what went wrong, for a person.
-async fn probe<K: ConnectionObject>(obj: &K, ctx: &Context) -> Result<Flavor, String> {
+/// Asks AWX at the connection's URL for its flavour and version; Err says what went wrong, for a person.
+async fn probe<K: ConnectionObject>(
+    obj: &K,
+    ctx: &Context,
+) -> Result<(Flavor, Option<String>), String> {
     let view = obj.view();
     let awx = &view.awx;
     let url =
@@ -361,12 +368,11 @@ async fn probe<K: ConnectionObject>(obj: &K, ctx: &Context) -> Result<Flavor, St
             ))
         }),
     };
-    let detected = ctx.awx.probe(&at).await.map_err(|e| e.to_string())?;
+    let (detected, version) = ctx.awx.probe(&at).await.map_err(|e| e.to_string())?;
     match (awx.flavor, detected) {
-        (FlavorSpec::Auto, f) => Ok(f),
-        (FlavorSpec::Controller, Flavor::Controller) | (FlavorSpec::Gateway, Flavor::Gateway) => {
-            Ok(detected)
-        }
+        (FlavorSpec::Auto, _)
+        | (FlavorSpec::Controller, Flavor::Controller)
+        | (FlavorSpec::Gateway, Flavor::Gateway) => Ok((detected, version)),
         (wanted, f) => Err(format!(
             "spec.awx.flavor is {wanted:?}, but the server at {} answers as {f}",
             awx.url

@@ -168,6 +168,7 @@ pub async fn connections_cluster_connection_serves_admitted_namespaces_without_t
 
     let conn = wait_connection(&env, "clusterawxconnection", None, shared, "True", 3).await?;
     ensure_eq!(conn["status"]["flavor"], "Controller", "flavour detected");
+    ensure_eq!(conn["status"]["version"], "24.6.1", "the version AWX says");
     let row = env.kubectl(&["get", "clusterawxconnection", shared, "--no-headers"])?;
     let columns: Vec<&str> = row.split_whitespace().collect();
     ensure_eq!(
