@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{
     Api, Resource, ResourceExt,
@@ -22,7 +22,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
 };
@@ -140,7 +140,8 @@ fn uses(token: &AwxToken, kind: ConnectionKind, namespace: Option<&str>, name: &
 /// What the connections' reconcile shares.
 struct Shared {
     ctx: Arc<Context>,
-    tokens: Store<AwxToken>,
+    /// Which connection each AwxToken names, across shards.
+    users: Mutex<Users>,
     /// uid → the last probe.
     probes: Mutex<HashMap<String, Probe>>,
 }
@@ -152,36 +153,120 @@ type Probe = (
     Result<(Flavor, Option<String>), String>,
 );
 
+/// A connection as the AwxTokens name it: kind, namespace (the namespaced kind only), name.
+type ConnectionKey = (ConnectionKind, String, String);
+
+/// Which connection each AwxToken names (by uid), from a watch of every AwxToken, whatever
+/// this process's shard: a connection's token count is the same in every shard.
+#[derive(Default)]
+struct Users {
+    by_token: HashMap<String, ConnectionKey>,
+    /// During a relist: the AwxTokens listed so far.
+    relisted: Option<HashMap<String, ConnectionKey>>,
+}
+
+impl Users {
+    fn key_of(token: &AwxToken) -> Option<ConnectionKey> {
+        let r = token.spec.connection_ref.as_ref()?;
+        let namespace = match r.kind {
+            ConnectionKind::ClusterAwxConnection => String::new(),
+            ConnectionKind::AwxConnection => token.namespace().unwrap_or_default(),
+        };
+        Some((r.kind, namespace, r.name.clone()))
+    }
+
+    fn update(&mut self, event: &watcher::Event<AwxToken>) {
+        match event {
+            watcher::Event::Apply(t) => {
+                let uid = t.uid().unwrap_or_default();
+                match Self::key_of(t) {
+                    Some(key) => self.by_token.insert(uid, key),
+                    None => self.by_token.remove(&uid),
+                };
+            }
+            watcher::Event::Delete(t) => {
+                self.by_token.remove(&t.uid().unwrap_or_default());
+            }
+            watcher::Event::Init => self.relisted = Some(HashMap::new()),
+            watcher::Event::InitApply(t) => {
+                if let (Some(listed), Some(key)) = (self.relisted.as_mut(), Self::key_of(t)) {
+                    listed.insert(t.uid().unwrap_or_default(), key);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.relisted.take() {
+                    self.by_token = listed;
+                }
+            }
+        }
+    }
+
+    fn count(&self, key: &ConnectionKey) -> u32 {
+        self.by_token.values().filter(|k| *k == key).count() as u32
+    }
+}
+
+/// The connections, and those of them to reconcile: a new generation only. A status write
+/// (this process's, or another's) wakes nothing, so two processes never take turns
+/// rewriting it.
+fn primary<K: ConnectionObject>(
+    api: Api<K>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store();
+    let changes = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(kube::runtime::predicates::generation, Default::default());
+    (store, changes)
+}
+
 /// Runs the reconcile of both connection kinds (the cluster-scoped one only when the operator
 /// watches every namespace) until the process ends. AwxToken events of tokens that name a
 /// connection wake it, so its token count follows.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, tokens: Store<AwxToken>) {
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.cluster.client().clone();
     let shared = Arc::new(Shared {
         ctx,
-        tokens: tokens.clone(),
+        users: Mutex::default(),
         probes: Mutex::default(),
     });
     let token_api: Api<AwxToken> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // Every AwxToken (no shard selector), for the count; each event wakes its connection.
+    let counter = shared.clone();
+    let token_events = watcher(token_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .inspect_ok(move |event| lock(&counter.users).update(event))
+        .touched_objects()
+        .filter_map(|t| futures::future::ready(t.ok().and_then(|t| Users::key_of(&t))))
+        .boxed();
+    let (to_namespaced, namespaced_wakes) = futures::channel::mpsc::unbounded();
+    let (to_cluster, cluster_wakes) = futures::channel::mpsc::unbounded();
+    let fan_out = token_events.for_each(move |(kind, ns, name)| {
+        // A closed channel: its controller has stopped, and the process with it.
+        match kind {
+            ConnectionKind::AwxConnection => {
+                let _ = to_namespaced.unbounded_send(ObjectRef::new(&name).within(&ns));
+            }
+            ConnectionKind::ClusterAwxConnection => {
+                let _ = to_cluster.unbounded_send(ObjectRef::new(&name));
+            }
+        }
+        futures::future::ready(())
+    });
     let namespaced_api: Api<AwxConnection> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let namespaced = Controller::new(namespaced_api, watcher::Config::default().any_semantic())
-        .watches(
-            token_api.clone(),
-            watcher::Config::default().any_semantic(),
-            |t: AwxToken| {
-                t.spec
-                    .connection_ref
-                    .as_ref()
-                    .filter(|r| r.kind == ConnectionKind::AwxConnection)
-                    .map(|r| ObjectRef::new(&r.name).within(&t.namespace().unwrap_or_default()))
-            },
-        )
+    let (store, changes) = primary(namespaced_api);
+    let namespaced = Controller::for_stream(changes, store)
+        .reconcile_on(namespaced_wakes)
         .run(reconcile::<AwxConnection>, error_policy, shared.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -189,31 +274,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, tokens: Store<Awx
             }
         });
     if namespace.is_some() {
-        namespaced.await;
+        futures::join!(fan_out, namespaced);
         return;
     }
-    let cluster = Controller::new(
-        Api::<ClusterAwxConnection>::all(client),
-        watcher::Config::default().any_semantic(),
-    )
-    .watches(
-        token_api,
-        watcher::Config::default().any_semantic(),
-        |t: AwxToken| {
-            t.spec
-                .connection_ref
-                .as_ref()
-                .filter(|r| r.kind == ConnectionKind::ClusterAwxConnection)
-                .map(|r| ObjectRef::new(&r.name))
-        },
-    )
-    .run(reconcile::<ClusterAwxConnection>, error_policy, shared)
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            debug!(error = %e, "ClusterAwxConnection controller event");
-        }
-    });
-    futures::join!(namespaced, cluster);
+    let (store, changes) = primary(Api::<ClusterAwxConnection>::all(client));
+    let cluster = Controller::for_stream(changes, store)
+        .reconcile_on(cluster_wakes)
+        .run(reconcile::<ClusterAwxConnection>, error_policy, shared)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                debug!(error = %e, "ClusterAwxConnection controller event");
+            }
+        });
+    futures::join!(fan_out, namespaced, cluster);
 }
 
 fn error_policy<K: ConnectionObject>(_: Arc<K>, error: &Error, _: Arc<Shared>) -> Action {
@@ -225,12 +298,15 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, shared: Arc<Shared>) -> Res
     let uid = obj.uid().unwrap_or_default();
     let generation = obj.meta().generation;
     let namespace = obj.namespace();
-    let tokens = shared
-        .tokens
-        .state()
-        .iter()
-        .filter(|t| uses(t, K::KIND, namespace.as_deref(), &obj.name_any()))
-        .count() as u32;
+    let key = (
+        K::KIND,
+        match K::KIND {
+            ConnectionKind::ClusterAwxConnection => String::new(),
+            ConnectionKind::AwxConnection => namespace.clone().unwrap_or_default(),
+        },
+        obj.name_any(),
+    );
+    let tokens = lock(&shared.users).count(&key);
     let last = lock(&shared.probes).get(&uid).cloned();
     let outcome = match last {
         Some((g, at, outcome))

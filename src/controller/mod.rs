@@ -540,11 +540,7 @@ pub async fn run(
     };
     // An operator that watches one namespace has no rights on cluster-scoped objects.
     let cluster_connections = namespace.is_none().then(|| Api::all(connection_client));
-    let connections_task = tokio::spawn(connections::run(
-        ctx.clone(),
-        namespace.clone(),
-        store.clone(),
-    ));
+    let connections_task = tokio::spawn(connections::run(ctx.clone(), namespace.clone()));
     // Secrets are watched as metadata only: their data never enters this process's caches,
     // and nothing of them is kept.
     let secret_events = watcher(secret_api, watcher::Config::default().any_semantic())
