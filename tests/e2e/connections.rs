@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::chart::{can_i, service_account_token, token_kubeconfig};
 use crate::scenarios::{wait_ready, wait_token};
 use crate::support::{
-    Env, Standin, TestResult, condition, free_port, run_tool, sha256_hex, wait_for,
+    Env, Standin, TestResult, arrivals, condition, free_port, run_tool, sha256_hex, wait_for,
 };
 
 /// The label the test's cluster-wide operator selects its AwxTokens by (other scenarios'
@@ -344,23 +344,7 @@ pub async fn connections_cluster_connection_serves_admitted_namespaces_without_t
     for name in locals {
         wait_ready(&env, &admitted, name, "True", Some("TokenReady")).await?;
     }
-    let mut times: Vec<f64> = awx
-        .requests()
-        .await?
-        .iter()
-        .skip(before)
-        .filter_map(|r| r["time"].as_f64())
-        .collect();
-    times.sort_by(f64::total_cmp);
-    let busiest = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t < times[i] + 1.0)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let (times, busiest) = arrivals(&awx.requests().await?, before);
     println!(
         "    {} requests through AwxConnection local (1 a second) over {:.1}s",
         times.len(),

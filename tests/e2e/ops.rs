@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::{
     scenarios::{awx_token, setup_with, wait_ready, wait_token},
-    support::{Env, TestResult, wait_for},
+    support::{Env, TestResult, arrivals, wait_for},
 };
 
 const LEADER: &str = "awx_token_operator_leader";
@@ -184,24 +184,8 @@ pub async fn ops_rate_limit_holds_for_fifty_tokens_at_once(env: Arc<Env>) -> Tes
         Ok((out.lines().filter(|l| *l == "True").count() == 50).then_some(()))
     })
     .await?;
-    let mut times: Vec<f64> = s
-        .awx
-        .requests()
-        .await?
-        .iter()
-        .filter_map(|r| r["time"].as_f64())
-        .collect();
-    times.sort_by(f64::total_cmp);
+    let (times, max_in_a_second) = arrivals(&s.awx.requests().await?, 0);
     ensure!(times.len() >= 51, "requests seen: {}", times.len());
-    let max_in_a_second = (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t < times[i] + 1.0)
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
     let span = times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0);
     println!(
         "    {} requests over {span:.1}s, at most {max_in_a_second} in any second",

@@ -450,6 +450,27 @@ where
     }
 }
 
+/// Arrival times of a stand-in's request log entries (from the `skip`-th on), sorted, and the
+/// most of them within any one second.
+pub fn arrivals(log: &[Value], skip: usize) -> (Vec<f64>, usize) {
+    let mut times: Vec<f64> = log
+        .iter()
+        .skip(skip)
+        .filter_map(|r| r["time"].as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + 1.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    (times, busiest)
+}
+
 pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
