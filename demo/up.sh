@@ -28,9 +28,14 @@ APP="$(curl -sf -X POST "$AWX/_standin/applications" -H 'content-type: applicati
 CLIENT_ID="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["client_id"])' <<<"$APP")"
 CLIENT_SECRET="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["client_secret"])' <<<"$APP")"
 
-say "installing the CRD and starting the operator (log: $DEMO/operator/log)"
+say "installing the CRDs and starting the operator (log: $DEMO/operator/log)"
 "$BIN" crd --without-cel | kubectl apply -f - >/dev/null   # the test cluster is Kubernetes 1.20: no CEL
-kubectl wait --for=condition=Established crd/awxtokens.awx-token-operator.io --timeout=30s >/dev/null
+for kind in cluster-awx-connection awx-connection; do
+  "$BIN" connection-crd "$kind" --without-cel | kubectl apply -f - >/dev/null
+done
+kubectl wait --for=condition=Established crd/awxtokens.awx-token-operator.io \
+  crd/clusterawxconnections.awx-token-operator.io crd/awxconnections.awx-token-operator.io \
+  --timeout=30s >/dev/null
 "$ROOT/tests/env/cluster.sh" restart-kcm "$DEMO" >/dev/null 2>&1
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 setsid "$BIN" run --http-addr "127.0.0.1:$PORT" >"$DEMO/operator/log" 2>&1 </dev/null &
