@@ -1435,6 +1435,7 @@ fn client_creds() -> RevocationCredentials {
     RevocationCredentials {
         client: Some(confidential_client()),
         user: None,
+        bearer: None,
     }
 }
 
@@ -1442,6 +1443,7 @@ fn user_creds() -> RevocationCredentials {
     RevocationCredentials {
         client: None,
         user: Some((USERNAME.to_owned(), SecretString::from(PASSWORD))),
+        bearer: None,
     }
 }
 
