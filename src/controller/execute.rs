@@ -63,7 +63,9 @@ pub fn sign_in_expired_message(
         ""
     };
     format!(
-        "the sign-in can no longer be renewed (its refresh token expired, was revoked or was          already used, or the user was disabled); sign in again with: awx-token-operator login          --url {url} --client-id {client_id} --namespace {} --name {}{insecure}",
+        "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+         already used, or the user was disabled); sign in again with: awx-token-operator login \
+         --url {url} --client-id {client_id} --namespace {} --name {}{insecure}",
         token.namespace().unwrap_or_default(),
         token.name_any()
     )
@@ -2255,5 +2257,32 @@ fn capitalised(text: &str) -> String {
     match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod sign_in_tests {
+    use super::*;
+
+    /// The command a person runs to sign in again, exactly; no secret in it.
+    #[test]
+    fn an_expired_sign_in_names_the_exact_login_command() {
+        let token: AwxToken = serde_json::from_value(serde_json::json!({
+            "apiVersion": "awx-token-operator.io/v1alpha1", "kind": "AwxToken",
+            "metadata": {"name": "ci-bot", "namespace": "apps"},
+            "spec": {
+                "awx": {"url": "https://awx.example.com/"},
+                "grant": {"type": "AuthorizationCode",
+                          "credentialsSecretRef": {"name": "ci-bot-sign-in"}},
+            },
+        }))
+        .unwrap();
+        let valid = crate::spec::validate(&token.spec).unwrap();
+        assert_eq!(
+            sign_in_expired_message(&token, Some(&valid), "app-id"),
+            "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+             already used, or the user was disabled); sign in again with: awx-token-operator \
+             login --url https://awx.example.com --client-id app-id --namespace apps --name ci-bot"
+        );
     }
 }
