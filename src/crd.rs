@@ -157,6 +157,8 @@ pub struct Grant {
     /// ClientCredentials: OAuth2 client-credentials grant (not supported by AWX or the AAP
     /// gateway, whose applications allow only password and authorization-code).
     /// PersonalAccessToken: a token created with the user's login at /api/v2/tokens/.
+    /// AuthorizationCode: a person signed in through the browser (`awx-token-operator login`);
+    /// the Secret holds no password.
     #[serde(rename = "type")]
     pub type_: GrantType,
     /// Secret in this namespace holding the credentials. Credentials are never inline.
@@ -182,6 +184,16 @@ pub enum GrantType {
     ClientCredentials,
     /// Personal access token (needs username and password); always renewed by re-issuing.
     PersonalAccessToken,
+    /// A browser sign-in (authorization-code grant), made by `awx-token-operator login`, which
+    /// writes this AwxToken and its credentials Secret (client_id, client_secret for
+    /// confidential applications, refresh_token; no password). The operator keeps the sign-in
+    /// (an access and refresh token pair) only in its state Secret and refreshes it before the
+    /// refresh token dies (at two thirds of renewal.refreshTokenLifetime); the first refresh
+    /// consumes the Secret's refresh_token. Consumers get a personal access token created with
+    /// the sign-in, renewed make-before-break like PersonalAccessToken, so a refresh of the
+    /// sign-in never breaks them. When the sign-in cannot be renewed, Ready is False with
+    /// reason SignInExpired and the command to sign in again.
+    AuthorizationCode,
 }
 
 /// Token scope.
@@ -214,6 +226,10 @@ pub struct CredentialsSecretRef {
     /// Key holding the OAuth2 application's client_secret (absent for public applications).
     #[serde(default = "default_client_secret_key")]
     pub client_secret_key: String,
+    /// Key holding the refresh token of a browser sign-in (type AuthorizationCode). The
+    /// operator's first refresh consumes it; a new value (a new sign-in) replaces the sign-in.
+    #[serde(default = "default_refresh_token_key")]
+    pub refresh_token_key: String,
 }
 
 /// The Secret the operator writes.
@@ -549,6 +565,9 @@ fn default_client_id_key() -> String {
 }
 fn default_client_secret_key() -> String {
     "client_secret".into()
+}
+fn default_refresh_token_key() -> String {
+    "refresh_token".into()
 }
 fn default_token_key() -> String {
     "token".into()

@@ -165,7 +165,9 @@ pub fn validate(spec: &AwxTokenSpec) -> Result<ValidSpec, SpecError> {
     }
 
     let strategy = match spec.grant.type_ {
-        GrantType::PersonalAccessToken => RenewalStrategy::Reissue,
+        // A sign-in's consumers get personal tokens, always re-issued (the sign-in itself is
+        // refreshed on its own schedule).
+        GrantType::PersonalAccessToken | GrantType::AuthorizationCode => RenewalStrategy::Reissue,
         GrantType::ClientCredentials if renewal.strategy == RenewalStrategy::Refresh => {
             return Err(invalid(
                 "renewal.strategy",

@@ -74,6 +74,31 @@ pub struct TokenState {
     /// Why the last rollout was given up on (its timeout passed); cleared by the next change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_timed_out: Option<String>,
+    /// The browser sign-in of grant type AuthorizationCode, kept only here (never in the
+    /// target Secret: a refresh kills its access token at once, so consumers get personal
+    /// tokens created with it instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
+}
+
+/// A browser sign-in: the access and refresh token pair of the last refresh. The credentials
+/// Secret's refresh token is consumed by the first refresh; the rotated one lives only here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    pub access_token: Sensitive,
+    pub refresh_token: Sensitive,
+    /// When the pair was issued: AWX counts the refresh token's lifetime from then.
+    pub refreshed_at: Timestamp,
+    /// Fingerprint of the inputs (including the hash of the Secret's refresh token) the
+    /// sign-in started from: a new refresh token in the Secret is a new sign-in.
+    pub inputs: String,
+    /// The AWX user signed in, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// AWX answered 401 to the access token: refresh before using it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejected: bool,
 }
 
 /// Restarts owed for one token change.
@@ -335,6 +360,7 @@ impl TokenRecord {
         RevocationCredentials {
             client,
             user: fallback.user.clone(),
+            bearer: fallback.bearer.clone(),
         }
     }
 
@@ -462,6 +488,14 @@ mod tests {
                 warned: true,
             }),
             rollout_timed_out: None,
+            session: Some(Session {
+                access_token: Sensitive::new("SessionAccess321"),
+                refresh_token: Sensitive::new("SessionRefresh654"),
+                refreshed_at: Timestamp::from_second(1_700_000_400).unwrap(),
+                inputs: "abc".into(),
+                user: Some("alice".into()),
+                rejected: false,
+            }),
         };
         state
             .retiring
@@ -471,6 +505,7 @@ mod tests {
         let debug = format!("{state:?}");
         assert!(!debug.contains("AccessValue123") && !debug.contains("RefreshValue456"));
         assert!(!debug.contains("ClientSecret789"));
+        assert!(!debug.contains("SessionAccess321") && !debug.contains("SessionRefresh654"));
         assert_eq!(
             state.next_revocation(),
             Some(Timestamp::from_second(1_700_000_300).unwrap())

@@ -291,6 +291,14 @@ pub enum TokenGrant {
         password: SecretString,
         description: String,
     },
+    /// A personal access token created through the REST API with a write-scoped token of the
+    /// user as bearer (a browser sign-in's access token): no password involved.
+    PersonalAccessTokenAs {
+        bearer: SecretString,
+        /// The user the bearer acts as, as far as known (empty when not).
+        username: String,
+        description: String,
+    },
 }
 
 /// Whether a token belongs to an OAuth2 application or is a personal access token.
@@ -422,6 +430,9 @@ pub struct RevocationCredentials {
     pub client: Option<ClientCredentials>,
     /// A username and password.
     pub user: Option<(String, SecretString)>,
+    /// A write-scoped token of the user (a browser sign-in's access token): it may delete the
+    /// user's personal tokens.
+    pub bearer: Option<SecretString>,
 }
 
 /// Who a token authenticates as.
@@ -560,7 +571,17 @@ impl AwxClient {
                 password,
                 description,
             } => {
-                self.create_personal_token(flavor, username, password, description, scope)
+                let login = Login::Password { username, password };
+                self.create_personal_token(flavor, login, username, description, scope)
+                    .await
+            }
+            TokenGrant::PersonalAccessTokenAs {
+                bearer,
+                username,
+                description,
+            } => {
+                let login = Login::Bearer(bearer);
+                self.create_personal_token(flavor, login, username, description, scope)
                     .await
             }
         }
@@ -828,12 +849,13 @@ impl AwxClient {
         token_answer(&answer, grant_type, scope, username)
     }
 
-    /// `POST /api/v2/tokens/` (or the gateway's) with the user's login and a JSON body (docs/awx-protocol.md#personal-tokens).
+    /// `POST /api/v2/tokens/` (or the gateway's) with the user's login (or a token of the
+    /// user) and a JSON body (docs/awx-protocol.md#personal-tokens).
     async fn create_personal_token(
         &self,
         flavor: Flavor,
+        login: Login<'_>,
         username: &str,
-        password: &SecretString,
         description: &str,
         scope: Scope,
     ) -> Result<IssuedToken, AwxError> {
@@ -847,7 +869,7 @@ impl AwxClient {
                 "tokens",
                 Method::POST,
                 flavor.tokens_path(),
-                Some(wire::user_basic_auth(username, password)?),
+                Some(login.header()?),
                 Body::Json(body),
             )
             .await?;
@@ -989,6 +1011,17 @@ impl AwxClient {
                     tracing::debug!(
                         error = %refused,
                         "the user's login may not delete the token; trying the token itself"
+                    );
+                }
+                done => return done,
+            }
+        }
+        if let Some(bearer) = &creds.bearer {
+            match self.delete_once(&path, wire::bearer_auth(bearer)?).await {
+                Err(refused @ (AwxError::Unauthorized { .. } | AwxError::Forbidden { .. })) => {
+                    tracing::debug!(
+                        error = %refused,
+                        "the sign-in may not delete the token; trying the token itself"
                     );
                 }
                 done => return done,
@@ -1174,7 +1207,7 @@ fn personal_token_answer(
             .unwrap_or(scope.as_str())
             .to_owned(),
         token_id: wire::id_field(&object, "id"),
-        user: Some(owner.to_owned()),
+        user: (!owner.is_empty()).then(|| owner.to_owned()),
         // A token created with an application is that application's (it has a refresh token).
         kind: if wire::id_field(&object, "application").is_some() {
             TokenKind::Application

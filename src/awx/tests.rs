@@ -1489,6 +1489,7 @@ fn client_creds() -> RevocationCredentials {
     RevocationCredentials {
         client: Some(confidential_client()),
         user: None,
+        bearer: None,
     }
 }
 
@@ -1496,6 +1497,7 @@ fn user_creds() -> RevocationCredentials {
     RevocationCredentials {
         client: None,
         user: Some((USERNAME.to_owned(), SecretString::from(PASSWORD))),
+        bearer: None,
     }
 }
 

@@ -40,10 +40,40 @@ use crate::{
     secrets::{self, Ownership},
     spec::ValidSpec,
     state::{
-        FailureRecord, HeldToken, IssueIntent, RestartOwed, Restarted, Sensitive, TokenRecord,
-        TokenState, WorkloadRef,
+        FailureRecord, HeldToken, IssueIntent, RestartOwed, Restarted, Sensitive, Session,
+        TokenRecord, TokenState, WorkloadRef,
     },
 };
+
+/// The condition reason of a sign-in (grant type AuthorizationCode) that cannot be renewed.
+pub const SIGN_IN_EXPIRED: &str = "SignInExpired";
+
+/// What to tell a person whose sign-in cannot be renewed: the exact command that signs in
+/// again (no secret in it; the client secret, if any, is read from a file).
+pub fn sign_in_expired_message(
+    token: &AwxToken,
+    valid: Option<&ValidSpec>,
+    client_id: &str,
+) -> String {
+    let url = valid.map_or_else(|| token.spec.awx.url.clone(), |v| v.url.to_string());
+    let url = url.trim_end_matches('/');
+    let insecure = if url.starts_with("http://") {
+        " --allow-insecure-http"
+    } else {
+        ""
+    };
+    format!(
+        "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+         already used, or the user was disabled); sign in again with: awx-token-operator login \
+         --url {url} --client-id {client_id} --namespace {} --name {}{insecure}",
+        token.namespace().unwrap_or_default(),
+        token.name_any()
+    )
+}
+
+/// A sign-in refreshed this recently is not refreshed again because AWX refused its access
+/// token: that refusal is a failure like any other (with its backoff), not a stale token.
+const FRESH_SESSION: Duration = Duration::from_secs(60);
 
 /// Steps one reconcile may take; a plan that does not settle within them is a bug, and the
 /// reconcile stops rather than loop.
@@ -177,7 +207,9 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 Ok(i) => Ok(plan::Inputs {
                     fingerprint: &i.fingerprint,
                     client_id: i.client.as_ref().map(|c| c.client_id.as_str()),
-                    user_login: i.username.is_some() && i.password.is_some(),
+                    // A sign-in's access token may list and delete the user's tokens too.
+                    user_login: (i.username.is_some() && i.password.is_some())
+                        || self.seen.state.session.is_some(),
                 }),
                 Err(r) => Err(Blocker {
                     reason: r.reason,
@@ -260,6 +292,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Next::DiscardPredecessorState => self.discard_predecessor_state().await,
             Next::ClaimInterrupted => self.claim_interrupted().await,
             Next::Search(i) => self.search(i, now).await,
+            Next::RefreshSession => self.refresh_session().await,
             Next::Obtain(obtain) => self.obtain(obtain).await,
             Next::WriteTarget => self.write_target().await,
             Next::Revoke(i) => self.revoke(i).await,
@@ -386,6 +419,174 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .map_err(|e| Error::Conflict(format!("the spec became invalid: {e}")))
     }
 
+    /// Refreshes the browser sign-in of grant type AuthorizationCode (docs/awx-protocol.md#keeping-the-sign-in-alive).
+    ///
+    /// A refresh kills the refresh token it used and the previous access token at once, so
+    /// the rotated pair is written to the state (conditionally on the version read) before
+    /// anything uses it. Refreshes are never concurrent: one per AwxToken in this process
+    /// (the `exclusive` guard), and one operator process at a time (leader election). A crash
+    /// between AWX's answer and the state write loses the sign-in: the next refresh, with
+    /// the consumed token, is refused, which reports SignInExpired (run login again).
+    async fn refresh_session(&mut self) -> Result<(), Error> {
+        use secrecy::ExposeSecret as _;
+        let token = self.token;
+        let Ok(inputs) = self.seen.inputs.clone() else {
+            return Ok(());
+        };
+        let Some(client) = inputs.client.clone() else {
+            return Ok(());
+        };
+        let obtain = Obtain {
+            trigger: plan::Trigger::Initial,
+            refresh: true,
+        };
+        let at = match self.connection(None) {
+            Ok(at) => at,
+            Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+        };
+        let flavor = match self.env.awx.flavor(&at, token.spec.awx.flavor).await {
+            Ok(f) => f,
+            Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+        };
+        let _exclusive = self
+            .env
+            .awx
+            .exclusive(format!("sign-in|{}|{}", at.url, self.uid()))
+            .await;
+        // The session kept in the state, unless the credentials Secret holds a new sign-in.
+        let kept = self
+            .seen
+            .state
+            .session
+            .clone()
+            .filter(|s| s.inputs == inputs.fingerprint);
+        let (refresh_token, user) = match &kept {
+            Some(s) => (s.refresh_token.to_secret(), s.user.clone()),
+            None => match &inputs.refresh_token {
+                Some(r) => (r.clone(), None),
+                None => return Ok(()),
+            },
+        };
+        info!(
+            first = kept.is_none(),
+            "refreshing the sign-in (grant AuthorizationCode)"
+        );
+        let scope = scope(token.spec.grant.scope);
+        let now = self.env.clock.now();
+        let issued = match self
+            .env
+            .awx
+            .refresh(&at, flavor, &client, &refresh_token, scope)
+            .await
+        {
+            Ok(issued) => issued,
+            Err(e) if e.requires_reissue() => return self.sign_in_expired(&obtain, e).await,
+            Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
+        };
+        let Some(rotated) = issued.refresh_token.as_ref() else {
+            let e = AwxError::UnexpectedResponse {
+                at: at.url.to_string(),
+                status: None,
+                detail: "the refresh answer holds no refresh token".into(),
+                outcome: Outcome::Rejected,
+            };
+            return self.sign_in_expired(&obtain, e).await;
+        };
+        let session = Session {
+            access_token: Sensitive::new(issued.access_token.expose_secret()),
+            refresh_token: Sensitive::new(rotated.expose_secret()),
+            refreshed_at: now,
+            inputs: inputs.fingerprint.clone(),
+            user,
+            rejected: false,
+        };
+        // Written before anything else happens: the old pair is dead now.
+        self.edit_state(|s| {
+            s.session = Some(session.clone());
+            Ok(())
+        })
+        .await?;
+        if session.user.is_none() {
+            // Who signed in, for the personal tokens' owner and for looking tokens up.
+            match self.env.awx.whoami(&at, flavor, &issued.access_token).await {
+                Ok(who) => {
+                    let name = who.username;
+                    self.edit_state(|s| {
+                        if let Some(kept) = s.session.as_mut() {
+                            kept.user = Some(name.clone());
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                }
+                Err(e) => warn!(error = %e, "could not tell who signed in"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The sign-in cannot be renewed: the refresh was refused (the refresh token expired, was
+    /// revoked or already consumed; the user was disabled). Only a person can sign in again;
+    /// the failure is not retried until the inputs change (a new refresh token).
+    async fn sign_in_expired(&mut self, obtain: &Obtain, error: AwxError) -> Result<(), Error> {
+        warn!(error = %error, "the sign-in cannot be renewed");
+        let client_id = self
+            .seen
+            .inputs
+            .as_ref()
+            .ok()
+            .and_then(|i| i.client.as_ref())
+            .map(|c| c.client_id.clone())
+            .unwrap_or_default();
+        let message =
+            sign_in_expired_message(self.token, self.seen.valid.as_ref().ok(), &client_id);
+        let now = self.env.clock.now();
+        let fingerprint = self
+            .seen
+            .inputs
+            .as_ref()
+            .map(|i| i.fingerprint.clone())
+            .unwrap_or_default();
+        let rotation = self.token.annotations().get(ROTATE_ANNOTATION).cloned();
+        self.edit_state(|s| {
+            s.session = None;
+            let previous = s.failure.as_ref();
+            s.failure = Some(FailureRecord {
+                attempts: previous.map_or(0, |f| f.attempts).saturating_add(1),
+                at: now,
+                since: Some(previous.map_or(now, FailureRecord::failing_since)),
+                reason: SIGN_IN_EXPIRED.to_string(),
+                message: message.clone(),
+                retryable: false,
+                inputs: fingerprint.clone(),
+                rotation: rotation.clone(),
+            });
+            Ok(())
+        })
+        .await?;
+        self.env
+            .metrics
+            .renewal_failures
+            .get_or_create(&ReasonLabels {
+                reason: SIGN_IN_EXPIRED,
+            })
+            .inc();
+        self.env
+            .cluster
+            .publish(
+                self.token,
+                Event::warning(
+                    SIGN_IN_EXPIRED,
+                    format!(
+                        "{} failed: {message}",
+                        capitalised(obtain.trigger.describe())
+                    ),
+                ),
+            )
+            .await;
+        Ok(())
+    }
+
     async fn obtain(&mut self, obtain: Obtain) -> Result<(), Error> {
         let token = self.token;
         let valid = self.valid()?.clone();
@@ -406,7 +607,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         let client_id = inputs.client.as_ref().map(|c| c.client_id.clone());
         // Only a personal token is created with its tag; a grant's token is tagged after its
         // answer (`tag_after`).
-        let tagged = grant_type == GrantType::PersonalAccessToken;
+        // A sign-in's consumers get personal tokens too, created with the sign-in.
+        let personal = matches!(
+            grant_type,
+            GrantType::PersonalAccessToken | GrantType::AuthorizationCode
+        );
+        let tagged = personal;
+        let session = self.seen.state.session.clone();
+        let username = inputs
+            .username
+            .clone()
+            .or_else(|| session.as_ref().and_then(|s| s.user.clone()));
         // Requests whose token is tagged after the answer: one at a time per AWX user and
         // application in this process, so the token created just then is told apart.
         let _exclusive = if tagged {
@@ -424,15 +635,15 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         let marker = IssueIntent {
             tag: new_tag(),
             started_at: now,
-            personal: grant_type == GrantType::PersonalAccessToken,
+            personal,
             gateway: flavor == Flavor::Gateway,
             refresh: obtain.refresh,
             holder: self.env.settings.identity.clone(),
             search_attempts: 0,
             search_after: None,
             tagged,
-            username: inputs.username.clone(),
-            client_id: client_id.clone(),
+            username: username.clone(),
+            client_id: client_id.clone().filter(|_| !personal),
             // The application's id, when known from an earlier token, narrows the search for
             // a token whose answer is lost to that application's tokens.
             application: self
@@ -507,7 +718,35 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             result = self
                 .env
                 .awx
-                .issue(&at, flavor, &inputs.grant(token, &marker.tag), scope)
+                .issue(
+                    &at,
+                    flavor,
+                    &inputs.grant(token, &marker.tag, session.as_ref()),
+                    scope,
+                )
+                .await;
+        }
+        if grant_type == GrantType::AuthorizationCode
+            && let Err(AwxError::InvalidCredentials { .. } | AwxError::Unauthorized { .. }) =
+                &result
+            && let Some(session) = &session
+            && schedule::add(session.refreshed_at, FRESH_SESSION) < now
+        {
+            // AWX no longer takes the sign-in's access token (deleted by a person, or the
+            // sign-in was refreshed elsewhere): refresh the sign-in and try again. A sign-in
+            // whose fresh access token is refused too fails below like any other attempt.
+            info!("AWX refused the sign-in's access token; refreshing the sign-in");
+            let tag = marker.tag.clone();
+            return self
+                .edit_state(|s| {
+                    if s.issuing.as_ref().map(|m| &m.tag) == Some(&tag) {
+                        s.issuing = None;
+                    }
+                    if let Some(kept) = s.session.as_mut() {
+                        kept.rejected = true;
+                    }
+                    Ok(())
+                })
                 .await;
         }
         match result {
@@ -752,7 +991,9 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Err(e) => {
                 // Never leave a token nobody can revoke: give it back.
                 let to_revoke = held.token.to_revoke();
-                let creds = held.token.revocation(&inputs.revocation());
+                let creds = held
+                    .token
+                    .revocation(&inputs.revocation(self.seen.state.session.as_ref()));
                 match self
                     .env
                     .awx
@@ -891,7 +1132,8 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         let username = marker
             .username
             .clone()
-            .or_else(|| self.seen.inputs.as_ref().ok()?.username.clone());
+            .or_else(|| self.seen.inputs.as_ref().ok()?.username.clone())
+            .or_else(|| self.seen.state.session.as_ref()?.user.clone());
         let password = self
             .seen
             .inputs
@@ -913,6 +1155,14 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .as_ref()
             .filter(|c| c.scope.split_whitespace().any(|s| s == "write"))
             .map(|c| c.token.access_token.to_secret());
+        // A sign-in's access token acts as the user as well.
+        let current = self
+            .seen
+            .state
+            .session
+            .as_ref()
+            .map(|s| s.access_token.to_secret())
+            .or(current);
         let login = match (&password, &current) {
             (Some(password), _) => Login::Password {
                 username: &username,
@@ -1181,7 +1431,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .seen
             .inputs
             .as_ref()
-            .map(observe::Inputs::revocation)
+            .map(|i| i.revocation(self.seen.state.session.as_ref()))
             .unwrap_or_default();
         let result = async {
             let at = self.connection(retiring.token.url.as_deref())?;
@@ -1998,6 +2248,7 @@ pub fn grant_label(g: GrantType) -> &'static str {
         GrantType::Password => "Password",
         GrantType::ClientCredentials => "ClientCredentials",
         GrantType::PersonalAccessToken => "PersonalAccessToken",
+        GrantType::AuthorizationCode => "AuthorizationCode",
     }
 }
 
@@ -2006,5 +2257,32 @@ fn capitalised(text: &str) -> String {
     match chars.next() {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod sign_in_tests {
+    use super::*;
+
+    /// The command a person runs to sign in again, exactly; no secret in it.
+    #[test]
+    fn an_expired_sign_in_names_the_exact_login_command() {
+        let token: AwxToken = serde_json::from_value(serde_json::json!({
+            "apiVersion": "awx-token-operator.io/v1alpha1", "kind": "AwxToken",
+            "metadata": {"name": "ci-bot", "namespace": "apps"},
+            "spec": {
+                "awx": {"url": "https://awx.example.com/"},
+                "grant": {"type": "AuthorizationCode",
+                          "credentialsSecretRef": {"name": "ci-bot-sign-in"}},
+            },
+        }))
+        .unwrap();
+        let valid = crate::spec::validate(&token.spec).unwrap();
+        assert_eq!(
+            sign_in_expired_message(&token, Some(&valid), "app-id"),
+            "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+             already used, or the user was disabled); sign in again with: awx-token-operator \
+             login --url https://awx.example.com --client-id app-id --namespace apps --name ci-bot"
+        );
     }
 }

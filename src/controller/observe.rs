@@ -15,7 +15,7 @@ use crate::{
     crd::{AwxToken, GrantType},
     secrets::{self, Ownership},
     spec::{self, SpecError, ValidSpec},
-    state::{STATE_KEY, TokenState},
+    state::{STATE_KEY, Session, TokenState},
 };
 
 /// What was read for one AwxToken; the executor keeps it current as it writes.
@@ -78,14 +78,18 @@ pub struct Inputs {
     pub username: Option<String>,
     pub password: Option<SecretString>,
     pub client: Option<ClientCredentials>,
+    /// The refresh token of a browser sign-in (grant type AuthorizationCode), as the
+    /// credentials Secret holds it: the start of a new sign-in, consumed by its first refresh.
+    pub refresh_token: Option<SecretString>,
     /// Hash of everything a token is issued from; stored only in the state Secret.
     pub fingerprint: String,
 }
 
 impl Inputs {
     /// The grant to send; a personal token's description carries `tag` so a token whose
-    /// creation answer was lost can be found again.
-    pub fn grant(&self, token: &AwxToken, tag: &str) -> TokenGrant {
+    /// creation answer was lost can be found again. A sign-in's personal token is created
+    /// with the sign-in's access token (`session`).
+    pub fn grant(&self, token: &AwxToken, tag: &str, session: Option<&Session>) -> TokenGrant {
         let username = self.username.clone().unwrap_or_default();
         let password = self
             .password
@@ -97,6 +101,18 @@ impl Inputs {
                 client_secret: None,
             })
         };
+        let description = || {
+            format!(
+                "{} [{tag}]",
+                token.spec.grant.description.clone().unwrap_or_else(|| {
+                    format!(
+                        "awx-token-operator {}/{}",
+                        token.namespace().unwrap_or_default(),
+                        token.name_any()
+                    )
+                })
+            )
+        };
         match token.spec.grant.type_ {
             GrantType::Password => TokenGrant::Password {
                 client: client(),
@@ -107,28 +123,28 @@ impl Inputs {
             GrantType::PersonalAccessToken => TokenGrant::PersonalAccessToken {
                 username,
                 password,
-                description: format!(
-                    "{} [{tag}]",
-                    token.spec.grant.description.clone().unwrap_or_else(|| {
-                        format!(
-                            "awx-token-operator {}/{}",
-                            token.namespace().unwrap_or_default(),
-                            token.name_any()
-                        )
-                    })
-                ),
+                description: description(),
+            },
+            GrantType::AuthorizationCode => TokenGrant::PersonalAccessTokenAs {
+                bearer: session
+                    .map(|s| s.access_token.to_secret())
+                    .unwrap_or_else(|| SecretString::from(String::new())),
+                username: session.and_then(|s| s.user.clone()).unwrap_or_default(),
+                description: description(),
             },
         }
     }
 
-    /// What may revoke a token besides its own issuing application.
-    pub fn revocation(&self) -> RevocationCredentials {
+    /// What may revoke a token besides its own issuing application: the user's login, or
+    /// the sign-in (`session`) of grant type AuthorizationCode.
+    pub fn revocation(&self, session: Option<&Session>) -> RevocationCredentials {
         RevocationCredentials {
             client: self.client.clone(),
             user: match (&self.username, &self.password) {
                 (Some(u), Some(p)) => Some((u.clone(), p.clone())),
                 _ => None,
             },
+            bearer: session.map(|s| s.access_token.to_secret()),
         }
     }
 }
@@ -253,8 +269,10 @@ async fn read_credentials(
         GrantType::Password => (true, true),
         GrantType::ClientCredentials => (false, true),
         GrantType::PersonalAccessToken => (true, false),
+        GrantType::AuthorizationCode => (false, true),
     };
-    let creds = if needs_user || (needs_client && application.is_none()) {
+    let needs_refresh_token = grant.type_ == GrantType::AuthorizationCode;
+    let creds = if needs_user || needs_refresh_token || (needs_client && application.is_none()) {
         match cluster.get_secret(&ns, &refs.name).await? {
             Some(creds) => Some(creds),
             None => return Ok(Err(Refusal::secret_missing(&refs.name, "AWX credentials"))),
@@ -301,6 +319,7 @@ async fn read_credentials(
         username: None,
         password: None,
         client: None,
+        refresh_token: None,
         fingerprint: String::new(),
     };
     if needs_user {
@@ -351,6 +370,15 @@ async fn read_credentials(
             client_id: id,
             client_secret: secret.map(SecretString::from),
         });
+    }
+    if needs_refresh_token {
+        let refresh = match require(&refs.refresh_token_key, "refresh token of a sign-in") {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        // Its hash, not the value: a new value is a new sign-in, which replaces the session.
+        feed(&hex::encode(Sha256::digest(refresh.as_bytes())));
+        inputs.refresh_token = Some(SecretString::from(refresh));
     }
     if let Some(ca) = ca_bundle {
         fingerprint.update(ca);

@@ -10,11 +10,11 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::{
-    crd::{AwxTokenSpec, RenewalStrategy},
+    crd::{AwxTokenSpec, GrantType, RenewalStrategy},
     decide,
     schedule::{self, RenewalSchedule},
     spec::{SpecError, ValidSpec},
-    state::{FailureRecord, HeldToken, RetiringToken, TokenState},
+    state::{FailureRecord, HeldToken, RetiringToken, Session, TokenState},
 };
 
 /// Everything a decision depends on.
@@ -148,6 +148,9 @@ pub enum Next {
     ClaimInterrupted,
     /// Look for the token of `state.interrupted[i]` and delete it.
     Search(usize),
+    /// Refresh the browser sign-in (grant type AuthorizationCode): the first time with the
+    /// credentials Secret's refresh token, then with the one kept in the state.
+    RefreshSession,
     Obtain(Obtain),
     /// Write the current token into the target Secret.
     WriteTarget,
@@ -189,9 +192,14 @@ pub fn next(f: &Facts<'_>) -> Next {
         && target_ok
         && let Some(valid) = usable
         && let Ok(inputs) = f.inputs
-        && let Some(obtain) = obtain_now(f, valid, &inputs)
     {
-        return Next::Obtain(obtain);
+        if session_needed(f, valid, inputs.fingerprint) {
+            if session_gate(f, inputs.fingerprint) == Gate::Open {
+                return Next::RefreshSession;
+            }
+        } else if let Some(obtain) = obtain_now(f, valid, &inputs) {
+            return Next::Obtain(obtain);
+        }
     }
     if state.current.is_some()
         && f.valid.is_ok()
@@ -316,6 +324,52 @@ pub fn trigger(f: &Facts<'_>, valid: &ValidSpec, fingerprint: &str) -> Option<Tr
         return Some(Trigger::Due);
     }
     None
+}
+
+/// How much of the refresh token's lifetime a sign-in is used before it is refreshed: two
+/// thirds, so that a refresh failing for a while (AWX down) still has a third to succeed in.
+const SESSION_REFRESH_SHARE: (u32, u32) = (2, 3);
+
+/// When the sign-in is to be refreshed: two thirds of spec.renewal.refreshTokenLifetime
+/// (AWX's REFRESH_TOKEN_EXPIRE_SECONDS) after its refresh token was issued.
+pub fn session_refresh_time(session: &Session, valid: &ValidSpec) -> Timestamp {
+    let (num, den) = SESSION_REFRESH_SHARE;
+    schedule::add(
+        session.refreshed_at,
+        valid.refresh_token_lifetime * num / den,
+    )
+}
+
+/// When the sign-in's refresh token dies (AWX counts from its issue).
+pub fn session_expiry(session: &Session, valid: &ValidSpec) -> Timestamp {
+    schedule::add(session.refreshed_at, valid.refresh_token_lifetime)
+}
+
+/// Whether a sign-in (grant type AuthorizationCode) must be refreshed before any token can be
+/// created with it: none yet, a new sign-in in the credentials Secret (its refresh token's
+/// hash is part of the fingerprint), AWX rejected its access token, or its refresh is due.
+pub fn session_needed(f: &Facts<'_>, valid: &ValidSpec, fingerprint: &str) -> bool {
+    if f.spec.grant.type_ != GrantType::AuthorizationCode {
+        return false;
+    }
+    match &f.state.session {
+        None => true,
+        Some(s) => s.inputs != fingerprint || s.rejected || f.now >= session_refresh_time(s, valid),
+    }
+}
+
+/// The failure backoff for a sign-in refresh. A rotate annotation does not open it (a dead
+/// sign-in is not revived by asking again): only new inputs (a new sign-in) do, or time,
+/// for a failure that may pass.
+fn session_gate(f: &Facts<'_>, fingerprint: &str) -> Gate {
+    gate(
+        f.state.failure.as_ref(),
+        &Trigger::Initial,
+        fingerprint,
+        f.now,
+        f.backoff,
+        f.uid,
+    )
 }
 
 /// Whether the failure history lets an attempt for `trigger` through now.
@@ -548,6 +602,13 @@ fn wake(f: &Facts<'_>) -> Wake {
         && matches!(f.target, Target::Writable { .. })
         && !f.spec.suspend
     {
+        if session_needed(f, valid, inputs.fingerprint) {
+            if let Gate::Until(at) = session_gate(f, inputs.fingerprint) {
+                times.push(at);
+            }
+        } else if let Some(session) = &state.session {
+            times.push(session_refresh_time(session, valid));
+        }
         match trigger(f, valid, inputs.fingerprint) {
             // Something is due already: the backoff says when to try (or nothing does).
             Some(trigger) => {

@@ -660,7 +660,9 @@ impl AwxApi for Sim {
                 true,
                 description.clone(),
             ),
-            TokenGrant::ClientCredentials { .. } => unreachable!("not simulated"),
+            TokenGrant::ClientCredentials { .. } | TokenGrant::PersonalAccessTokenAs { .. } => {
+                unreachable!("not simulated")
+            }
         };
         let fate = self.request(&username, true).await;
         let ok = self.login_ok(&username, &password);

@@ -5,7 +5,10 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::plan::{self, Facts, Target};
+use super::{
+    execute::SIGN_IN_EXPIRED,
+    plan::{self, Facts, Target},
+};
 use crate::{
     crd::{AwxTokenStatus, RenewalStrategy},
     schedule,
@@ -52,13 +55,18 @@ pub fn render(
         issued_at: current.map(|c| Time(c.issued_at)),
         expires_at: current.and_then(|c| c.expires_at).map(Time),
         renewal_time: renewal.map(Time),
-        refresh_token_expires_at: current
-            .zip(valid)
-            .filter(|(_, v)| v.strategy == RenewalStrategy::Refresh)
-            .and_then(|(c, v)| {
-                c.refresh_issued_at
-                    .map(|t| Time(schedule::add(t, v.refresh_token_lifetime)))
-            }),
+        // A sign-in's refresh token is the one whose death matters (its consumers hold
+        // personal tokens).
+        refresh_token_expires_at: match (&state.session, valid) {
+            (Some(session), Some(v)) => Some(Time(plan::session_expiry(session, v))),
+            _ => current
+                .zip(valid)
+                .filter(|(_, v)| v.strategy == RenewalStrategy::Refresh)
+                .and_then(|(c, v)| {
+                    c.refresh_issued_at
+                        .map(|t| Time(schedule::add(t, v.refresh_token_lifetime)))
+                }),
+        },
         verified_at: current.and_then(|c| c.verified_at).map(Time),
         pending_revocations: state.retiring.len() as u32,
         rotated_for: state.rotated_for.clone(),
@@ -67,8 +75,14 @@ pub fn render(
         last_failure_message: state.failure.as_ref().map(|r| failure_message(f, r)),
     };
     let problem = problem(f);
-    let usable =
-        current.filter(|c| works(c, f.now) && f.target == Target::Writable { up_to_date: true });
+    // A sign-in that cannot be renewed is not Ready even while its last personal token works:
+    // nothing renews that token any more, and only a person can fix it (the message says how).
+    let sign_in_expired = state.failure.as_ref().is_some_and(|r| {
+        r.reason == SIGN_IN_EXPIRED && f.inputs.is_ok_and(|i| i.fingerprint == r.inputs)
+    });
+    let usable = current.filter(|c| {
+        works(c, f.now) && f.target == Target::Writable { up_to_date: true } && !sign_in_expired
+    });
     let now = f.now;
     match (usable, &problem) {
         (Some(_), _) if f.spec.suspend => set_condition(

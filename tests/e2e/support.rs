@@ -689,6 +689,52 @@ impl Standin {
         ))
     }
 
+    /// Creates a confidential authorization-code application redirecting to `redirect_uri`;
+    /// returns (client_id, client_secret).
+    pub async fn create_code_app(
+        &self,
+        name: &str,
+        redirect_uri: &str,
+    ) -> Result<(String, String), String> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/_standin/applications",
+                Some(json!({"name": name, "client_type": "confidential",
+                    "grant_type": "authorization-code", "redirect_uris": [redirect_uri]})),
+            )
+            .await?;
+        Ok((
+            v["client_id"].as_str().unwrap_or_default().to_string(),
+            v["client_secret"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// The live access tokens of `user` as the stand-in lists them (sha256, application,
+    /// description; never a value).
+    pub async fn live_token_rows(&self, user: &str) -> Result<Vec<Value>, String> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_standin/tokens?user={user}"),
+                None,
+            )
+            .await?;
+        Ok(v["access_tokens"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The refresh tokens of `user` as the stand-in lists them (sha256, revoked, expired).
+    pub async fn refresh_token_rows(&self, user: &str) -> Result<Vec<Value>, String> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_standin/tokens?user={user}"),
+                None,
+            )
+            .await?;
+        Ok(v["refresh_tokens"].as_array().cloned().unwrap_or_default())
+    }
+
     /// sha256 of the live access tokens of `user`.
     pub async fn live_tokens(&self, user: &str) -> Result<Vec<String>, String> {
         let v = self

@@ -9,7 +9,9 @@ use super::*;
 use crate::{
     crd::AwxTokenSpec,
     spec::{self, SpecError, ValidSpec},
-    state::{FailureRecord, HeldToken, IssueIntent, RetiringToken, Sensitive, TokenRecord},
+    state::{
+        FailureRecord, HeldToken, IssueIntent, RetiringToken, Sensitive, Session, TokenRecord,
+    },
 };
 
 const UID: &str = "5b1c7d0e-0000-4000-8000-000000000001";
@@ -684,4 +686,122 @@ fn verifications_due_at_a_process_start_are_spread_over_its_first_minute() {
     // Due well after the start: as scheduled.
     w.state.current.as_mut().unwrap().verified_at = Some(t(300));
     assert_eq!(due(&w), t(900));
+}
+
+// ------------------------------------------------------------------ grant AuthorizationCode
+
+fn sign_in_world() -> World {
+    let mut w = World::new(spec_with(serde_json::json!({
+        "grant": {"type": "AuthorizationCode", "credentialsSecretRef": {"name": "ci-bot-sign-in"}},
+    })));
+    // A sign-in's inputs: no user login of its own until a session exists.
+    w.inputs = Ok(("fp".into(), Some("app".into()), false));
+    w
+}
+
+fn session(refreshed: Timestamp, inputs: &str) -> Session {
+    Session {
+        access_token: Sensitive::new("session-access"),
+        refresh_token: Sensitive::new("session-refresh"),
+        refreshed_at: refreshed,
+        inputs: inputs.into(),
+        user: Some("alice".into()),
+        rejected: false,
+    }
+}
+
+/// AWX's REFRESH_TOKEN_EXPIRE_SECONDS, the default spec.renewal.refreshTokenLifetime.
+const REFRESH_LIFETIME: i64 = 2_628_000;
+
+#[test]
+fn a_sign_in_starts_its_session_before_any_token_is_created() {
+    let mut w = sign_in_world();
+    assert_eq!(w.next(), Next::RefreshSession);
+    w.state.session = Some(session(t(0), "fp"));
+    assert_eq!(w.next(), obtain(Trigger::Initial, false));
+}
+
+#[test]
+fn a_sign_in_renews_its_personal_token_make_before_break() {
+    let mut w = sign_in_world();
+    w.state.session = Some(session(t(-3600), "fp"));
+    w.state.current = Some(held("A", t(-3600)));
+    w.target = Target::Writable { up_to_date: true };
+    let renewal = w.renewal();
+    w.now = renewal;
+    // Never by refresh, whatever the spec says: the consumer's token is a personal token.
+    assert_eq!(w.next(), obtain(Trigger::Due, false));
+    w.respec(serde_json::json!({
+        "grant": {"type": "AuthorizationCode", "credentialsSecretRef": {"name": "ci-bot-sign-in"}},
+        "renewal": {"strategy": "Refresh"},
+    }));
+    assert_eq!(w.next(), obtain(Trigger::Due, false));
+}
+
+#[test]
+fn a_sign_in_is_refreshed_at_two_thirds_of_the_refresh_token_lifetime() {
+    let mut w = sign_in_world();
+    w.state.session = Some(session(t(0), "fp"));
+    w.state.current = Some(held("A", t(0)));
+    w.target = Target::Writable { up_to_date: true };
+    w.respec(serde_json::json!({
+        "grant": {"type": "AuthorizationCode", "credentialsSecretRef": {"name": "ci-bot-sign-in"}},
+        "renewal": {"rotateEvery": "366d"},
+    }));
+    let due = t(REFRESH_LIFETIME * 2 / 3);
+    w.now = t(10);
+    assert_eq!(w.next(), Next::Done(Wake::At(due)));
+    w.now = due;
+    assert_eq!(w.next(), Next::RefreshSession);
+    // AWX refused its access token: refreshed at once.
+    w.now = t(10);
+    w.state.session.as_mut().unwrap().rejected = true;
+    assert_eq!(w.next(), Next::RefreshSession);
+}
+
+#[test]
+fn a_new_refresh_token_in_the_secret_replaces_the_session() {
+    let mut w = sign_in_world();
+    w.state.session = Some(session(t(-60), "fp"));
+    w.state.current = Some(held("A", t(-60)));
+    w.target = Target::Writable { up_to_date: true };
+    assert!(matches!(w.next(), Next::Done(_)), "{:?}", w.next());
+    // `login` ran again: the fingerprint holds the new refresh token's hash.
+    w.inputs = Ok(("fp2".into(), Some("app".into()), false));
+    assert_eq!(w.next(), Next::RefreshSession);
+    w.state.session = Some(session(t(0), "fp2"));
+    assert_eq!(w.next(), obtain(Trigger::InputsChanged, false));
+}
+
+#[test]
+fn an_expired_sign_in_is_not_tried_again_until_a_new_sign_in() {
+    let mut w = sign_in_world();
+    w.state.current = Some(held("A", t(-60)));
+    w.target = Target::Writable { up_to_date: true };
+    w.state.failure = Some(FailureRecord {
+        reason: "SignInExpired".into(),
+        ..failure(1, t(-1), false)
+    });
+    // No session (the refused one was dropped), no retry, and no token created without one;
+    // not even a rotation request opens it.
+    assert!(matches!(w.next(), Next::Done(_)), "{:?}", w.next());
+    w.now = t(100_000);
+    assert!(matches!(w.next(), Next::Done(_)), "{:?}", w.next());
+    w.rotate = Some("again".into());
+    assert!(matches!(w.next(), Next::Done(_)), "{:?}", w.next());
+    w.inputs = Ok(("fp2".into(), Some("app".into()), false));
+    assert_eq!(w.next(), Next::RefreshSession);
+}
+
+#[test]
+fn a_failing_sign_in_refresh_waits_for_the_backoff() {
+    let mut w = sign_in_world();
+    w.state.failure = Some(failure(1, t(0), true));
+    w.now = t(1);
+    let Next::Done(Wake::At(at)) = w.next() else {
+        panic!("{:?}", w.next());
+    };
+    assert!(at > t(1) && at <= t(6), "{at}");
+    w.now = at;
+    assert_eq!(w.next(), Next::RefreshSession);
 }

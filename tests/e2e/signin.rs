@@ -1,0 +1,463 @@
+//! Grant type AuthorizationCode end to end: `awx-token-operator login --no-browser` signs a
+//! person in at the stand-in (reqwest plays the browser: login form, consent, redirect back to
+//! the loopback listener), writes the credentials Secret and the AwxToken, and the operator
+//! makes it Ready. Consumers get personal tokens renewed make-before-break; the sign-in is
+//! refreshed underneath without breaking them; a sign-in that can no longer be refreshed
+//! reports SignInExpired with the command to sign in again.
+//!
+//! Not covered here: a real headless browser (chromium + chromium-driver).
+
+use std::{
+    collections::HashMap,
+    io::BufRead as _,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::{
+    scenarios::{READY_TIMEOUT, setup_with, wait_ready, wait_token},
+    support::{Env, TestResult, condition, free_port, wait_for},
+};
+
+const NAME: &str = "sig";
+
+fn http() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The cookies a browser keeps for one site.
+#[derive(Default)]
+struct Jar(HashMap<String, String>);
+
+impl Jar {
+    fn take(&mut self, response: &reqwest::Response) {
+        for header in response.headers().get_all(reqwest::header::SET_COOKIE) {
+            let Ok(text) = header.to_str() else { continue };
+            let pair = text.split(';').next().unwrap_or_default();
+            if let Some((name, value)) = pair.split_once('=') {
+                self.0
+                    .insert(name.trim().to_owned(), value.trim().to_owned());
+            }
+        }
+    }
+
+    fn header(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+fn attribute(tag: &str, name: &str) -> Option<String> {
+    let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let end = tag[start..].find('"')? + start;
+    Some(unescape(&tag[start..end]))
+}
+
+/// The named `<input>` fields of a page (submit buttons left out).
+fn inputs(page: &str) -> Vec<(String, String)> {
+    page.split("<input")
+        .skip(1)
+        .filter_map(|rest| {
+            let tag = &rest[..rest.find('>')?];
+            if attribute(tag, "type").as_deref() == Some("submit") {
+                return None;
+            }
+            Some((
+                attribute(tag, "name")?,
+                attribute(tag, "value").unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
+fn location(response: &reqwest::Response) -> Result<String, String> {
+    Ok(response
+        .headers()
+        .get("location")
+        .ok_or("no Location header")?
+        .to_str()
+        .map_err(|e| e.to_string())?
+        .to_owned())
+}
+
+/// What the person does in the browser: log in, approve, follow the redirect back.
+async fn play_browser(authorize: url::Url, username: &str, password: &str) -> TestResult {
+    let http = http()?;
+    let mut jar = Jar::default();
+    let err = |e: reqwest::Error| e.to_string();
+    let first = http.get(authorize.clone()).send().await.map_err(err)?;
+    ensure_eq!(
+        first.status().as_u16(),
+        302,
+        "the authorize URL asks for a login"
+    );
+    let login = authorize
+        .join(&location(&first)?)
+        .map_err(|e| e.to_string())?;
+    let page = http.get(login.clone()).send().await.map_err(err)?;
+    jar.take(&page);
+    let mut form = inputs(&page.text().await.map_err(err)?);
+    for (name, value) in &mut form {
+        match name.as_str() {
+            "username" => *value = username.to_owned(),
+            "password" => *value = password.to_owned(),
+            _ => {}
+        }
+    }
+    let logged_in = http
+        .post(login.clone())
+        .header("cookie", jar.header())
+        .header("referer", login.as_str())
+        .form(&form)
+        .send()
+        .await
+        .map_err(err)?;
+    ensure_eq!(logged_in.status().as_u16(), 302, "the login is accepted");
+    jar.take(&logged_in);
+    let consent = http
+        .get(authorize.clone())
+        .header("cookie", jar.header())
+        .send()
+        .await
+        .map_err(err)?;
+    ensure_eq!(consent.status().as_u16(), 200, "the consent page is shown");
+    jar.take(&consent);
+    let mut form = inputs(&consent.text().await.map_err(err)?);
+    form.push(("allow".into(), "Authorize".into()));
+    let decided = http
+        .post(authorize.clone())
+        .header("cookie", jar.header())
+        .header("referer", authorize.as_str())
+        .form(&form)
+        .send()
+        .await
+        .map_err(err)?;
+    ensure_eq!(
+        decided.status().as_u16(),
+        302,
+        "the consent sends the browser back"
+    );
+    let back = location(&decided)?;
+    ensure!(
+        back.starts_with("http://127.0.0.1:"),
+        "redirected to {back}"
+    );
+    http.get(back).send().await.map_err(err)?;
+    Ok(())
+}
+
+/// Runs `awx-token-operator login --no-browser`, plays the browser for the URL it prints, and
+/// returns its output once it exited successfully.
+async fn login(
+    env: &Env,
+    url: &str,
+    ns: &str,
+    client_id: &str,
+    secret_file: &std::path::Path,
+    person: (&str, &str),
+) -> Result<String, String> {
+    let port = free_port();
+    let mut child = Command::new(&env.operator_bin)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .args(["login", "--url", url, "--client-id", client_id])
+        .arg("--client-secret-file")
+        .arg(secret_file)
+        .args(["--namespace", ns, "--name", NAME, "--no-browser"])
+        .args(["--allow-insecure-http", "--timeout", "2m"])
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting login: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    let authorize = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .map_err(|_| format!("login printed no URL: {printed:?}"))?
+            .ok_or_else(|| format!("login ended without a URL: {printed:?}"))?;
+        printed.push(line.clone());
+        let text = line.trim();
+        if text.starts_with("http") && text.contains("authorize") {
+            break url::Url::parse(text).map_err(|e| e.to_string())?;
+        }
+    };
+    ensure!(
+        authorize.as_str().starts_with(url),
+        "the sign-in URL is at the stand-in: {authorize}"
+    );
+    play_browser(authorize, person.0, person.1).await?;
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = reader.join();
+    while let Ok(line) = rx.try_recv() {
+        printed.push(line);
+    }
+    let out = printed.join("\n");
+    ensure!(
+        status.status.success(),
+        "login failed: {out}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(out)
+}
+
+/// Every value of every Secret in `ns`, decoded.
+fn all_secret_values(env: &Env, ns: &str) -> Result<Vec<(String, String)>, String> {
+    let list: Value =
+        serde_json::from_str(&env.kubectl(&["get", "secrets", "-n", ns, "-o", "json"])?)
+            .map_err(|e| e.to_string())?;
+    let mut values = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let name = item["metadata"]["name"].as_str().unwrap_or_default();
+        for (key, value) in item["data"].as_object().into_iter().flatten() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap_or_default())
+                .map_err(|e| e.to_string())?;
+            values.push((
+                format!("{name}/{key}"),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    Ok(values)
+}
+
+async fn rotate_and_check(
+    env: &Env,
+    s: &crate::scenarios::Setup,
+    value: &str,
+    old: &str,
+) -> Result<String, String> {
+    env.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        &format!("awx-token-operator.io/rotate={value}"),
+    ])?;
+    let new = wait_token(env, &s.ns, NAME, Some(old)).await?;
+    ensure_eq!(
+        s.awx.whoami(&new).await?,
+        Some(s.user.clone()),
+        "the renewed token ({value}) works"
+    );
+    ensure_eq!(
+        s.awx.whoami(old).await?,
+        Some(s.user.clone()),
+        "the replaced token still works inside the grace period ({value})"
+    );
+    wait_for(
+        "the replaced token to be revoked after the grace period",
+        Duration::from_secs(60),
+        || async { Ok(s.awx.whoami(old).await?.is_none().then_some(())) },
+    )
+    .await?;
+    ensure_eq!(
+        s.awx.whoami(&new).await?,
+        Some(s.user.clone()),
+        "the renewed token ({value}) survives the revocation of the replaced one"
+    );
+    Ok(new)
+}
+
+async fn refresh_deadline(env: &Env, ns: &str) -> Result<String, String> {
+    Ok(
+        env.awx_token(ns, NAME).await?.unwrap_or_default()["status"]["refreshTokenExpiresAt"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive_session_refreshes(
+    env: Arc<Env>,
+) -> TestResult {
+    // A stand-in of its own: the scenario changes its refresh-token lifetime.
+    let awx = env.private_standin("signin", "awx")?;
+    let s = setup_with(&env, "e2e-signin", awx, &[]).await?;
+    env.remember_secret(&s.password);
+    let port_note = "http://127.0.0.1/callback";
+    // The loopback exception: a registered port-less 127.0.0.1 URI matches any port.
+    let (client_id, client_secret) = s
+        .awx
+        .create_code_app(&format!("{}-app", s.ns), port_note)
+        .await?;
+    env.remember_secret(&client_secret);
+    let secret_file = env.run_dir.join(format!("{}-client-secret", s.ns));
+    std::fs::write(&secret_file, &client_secret).map_err(|e| e.to_string())?;
+    let out = login(
+        &env,
+        &s.awx.url,
+        &s.ns,
+        &client_id,
+        &secret_file,
+        (&s.user, &s.password),
+    )
+    .await?;
+    ensure!(
+        !out.contains(&client_secret),
+        "login printed the client secret"
+    );
+    let refresh = env
+        .secret_value(&s.ns, &format!("{NAME}-sign-in"), "refresh_token")
+        .await?
+        .ok_or("login wrote no refresh token")?;
+    ensure!(!out.contains(&refresh), "login printed the refresh token");
+    // A short grace period, so the replaced tokens' revocation is seen.
+    env.kubectl(&[
+        "patch",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"renewal":{"revokeGracePeriod":"10s"}}}"#,
+    ])?;
+
+    let obj = wait_ready(&env, &s.ns, NAME, "True", None).await?;
+    let first = env
+        .secret_value(&s.ns, NAME, "token")
+        .await?
+        .ok_or("no token in the target Secret")?;
+    ensure_eq!(
+        s.awx.whoami(&first).await?,
+        Some(s.user.clone()),
+        "the consumer's token works"
+    );
+    ensure!(
+        obj["status"]["refreshTokenExpiresAt"].is_string(),
+        "the sign-in's refresh deadline is shown: {}",
+        obj["status"]
+    );
+    // The consumer's token is a personal token of the person (no application).
+    let digest = crate::support::sha256_hex(&first);
+    let rows = s.awx.live_token_rows(&s.user).await?;
+    let row = rows
+        .iter()
+        .find(|r| r["sha256"] == digest.as_str())
+        .ok_or("the consumer's token is not listed at the stand-in")?;
+    ensure_eq!(row["application"], Value::Null, "a personal token");
+    // The Secret's refresh token was consumed by the first refresh of the sign-in.
+    let rts = s.awx.refresh_token_rows(&s.user).await?;
+    let consumed = rts
+        .iter()
+        .find(|r| r["sha256"] == crate::support::sha256_hex(&refresh).as_str())
+        .ok_or("the Secret's refresh token is unknown to the stand-in")?;
+    ensure_eq!(
+        consumed["revoked"],
+        Value::Bool(true),
+        "the Secret's refresh token is consumed"
+    );
+    // No password anywhere in the namespace's Secrets.
+    for (at, value) in all_secret_values(&env, &s.ns)? {
+        ensure!(
+            !value.contains(&s.password),
+            "Secret {at} holds the person's password"
+        );
+    }
+
+    let second = rotate_and_check(&env, &s, "one", &first).await?;
+    let third = rotate_and_check(&env, &s, "two", &second).await?;
+
+    // The sign-in refreshed underneath: a lifetime of 15s makes it due every 10s.
+    let before = refresh_deadline(&env, &s.ns).await?;
+    env.kubectl(&[
+        "patch",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"renewal":{"refreshTokenLifetime":"15s"}}}"#,
+    ])?;
+    let mut seen = before.clone();
+    for round in 0..2 {
+        let last = seen.clone();
+        seen = wait_for(
+            &format!("session refresh {round}"),
+            READY_TIMEOUT,
+            || async {
+                let now = refresh_deadline(&env, &s.ns).await?;
+                Ok((!now.is_empty() && now != last).then_some(now))
+            },
+        )
+        .await?;
+        ensure_eq!(
+            env.secret_value(&s.ns, NAME, "token").await?,
+            Some(third.clone()),
+            "a session refresh leaves the consumer's token alone"
+        );
+        ensure_eq!(
+            s.awx.whoami(&third).await?,
+            Some(s.user.clone()),
+            "the consumer's token works after session refresh {round}"
+        );
+    }
+
+    // The refresh token dies (as after 30 days): the next refresh is refused.
+    s.awx.set_lifetimes(None, Some(1)).await?;
+    let obj = wait_ready(&env, &s.ns, NAME, "False", Some("SignInExpired")).await?;
+    let (_, _, message) = condition(&obj, "Ready").ok_or("no Ready condition")?;
+    let command = format!(
+        "awx-token-operator login --url {} --client-id {client_id} --namespace {} --name {NAME} --allow-insecure-http",
+        s.awx.url.trim_end_matches('/'),
+        s.ns
+    );
+    ensure_eq!(
+        message,
+        format!(
+            "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+             already used, or the user was disabled); sign in again with: {command}. The Secret \
+             keeps its previous token."
+        ),
+        "Ready's message gives the exact command"
+    );
+    ensure!(
+        !message.contains(&client_secret) && !message.contains(&third),
+        "no secret in the message"
+    );
+    // The consumer's last token is not revoked by the failure.
+    ensure_eq!(
+        s.awx.whoami(&third).await?,
+        Some(s.user.clone()),
+        "the consumer's token still works"
+    );
+    Ok(())
+}
