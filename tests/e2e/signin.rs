@@ -5,7 +5,7 @@
 //! refreshed underneath without breaking them; a sign-in that can no longer be refreshed
 //! reports SignInExpired with the command to sign in again.
 //!
-//! Not covered here: a real headless browser (chromium + chromium-driver).
+//! `signin_real_browser_*` signs in with Debian's chromium, headless, through chromedriver.
 
 use std::{
     collections::HashMap,
@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::{
     scenarios::{READY_TIMEOUT, setup_with, wait_ready, wait_token},
     support::{Env, TestResult, condition, free_port, wait_for},
+    webdriver::{self, Browser},
 };
 
 const NAME: &str = "sig";
@@ -165,6 +166,31 @@ async fn play_browser(authorize: url::Url, username: &str, password: &str) -> Te
     Ok(())
 }
 
+/// What a person does in a real browser: the login page, then Authorize on the consent page;
+/// the browser then follows the redirect to `login`'s loopback listener.
+async fn sign_in_with_chromium(
+    browser: &Browser,
+    authorize: &url::Url,
+    username: &str,
+    password: &str,
+) -> TestResult {
+    browser.open(authorize.as_str()).await?;
+    browser.type_into("input[name=username]", username).await?;
+    browser.type_into("input[name=password]", password).await?;
+    browser.click("button#login").await?;
+    browser.click("input#authorize").await?;
+    wait_for(
+        "the browser to come back to the loopback listener",
+        Duration::from_secs(60),
+        || async {
+            let at = browser.current_url().await?;
+            Ok(at.starts_with("http://127.0.0.1:").then_some(at))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Runs `awx-token-operator login --no-browser`, plays the browser for the URL it prints, and
 /// returns its output once it exited successfully.
 async fn login(
@@ -174,6 +200,19 @@ async fn login(
     client_id: &str,
     secret_file: &std::path::Path,
     person: (&str, &str),
+) -> Result<String, String> {
+    login_with(env, url, ns, client_id, secret_file, person, None).await
+}
+
+/// `login`, with a real browser when one is given (else reqwest plays it).
+async fn login_with(
+    env: &Env,
+    url: &str,
+    ns: &str,
+    client_id: &str,
+    secret_file: &std::path::Path,
+    person: (&str, &str),
+    browser: Option<&Browser>,
 ) -> Result<String, String> {
     let port = free_port();
     let mut child = Command::new(&env.operator_bin)
@@ -214,7 +253,10 @@ async fn login(
         authorize.as_str().starts_with(url),
         "the sign-in URL is at the stand-in: {authorize}"
     );
-    play_browser(authorize, person.0, person.1).await?;
+    match browser {
+        Some(browser) => sign_in_with_chromium(browser, &authorize, person.0, person.1).await?,
+        None => play_browser(authorize, person.0, person.1).await?,
+    }
     let status = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .map_err(|e| e.to_string())?
@@ -459,5 +501,57 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         Some(s.user.clone()),
         "the consumer's token still works"
     );
+    Ok(())
+}
+
+/// The sign-in as a person does it: a real headless chromium (through chromedriver) opens the
+/// URL `login` prints, logs in, approves; the AwxToken becomes Ready with a working token and
+/// no password anywhere in the namespace.
+pub async fn signin_real_browser_signs_in_and_the_token_works(env: Arc<Env>) -> TestResult {
+    let Some((chromium, driver)) = webdriver::installed() else {
+        if std::env::var_os("AWXTO_REQUIRE_BROWSER").is_some() {
+            return Err("chromium and chromedriver are required (AWXTO_REQUIRE_BROWSER)".into());
+        }
+        return crate::support::skip(
+            "no chromium and chromedriver (Debian: chromium chromium-driver)",
+        );
+    };
+    let awx = env.private_standin("signin-browser", "awx")?;
+    let s = setup_with(&env, "e2e-signin-browser", awx, &[]).await?;
+    env.remember_secret(&s.password);
+    let (client_id, client_secret) = s
+        .awx
+        .create_code_app(&format!("{}-app", s.ns), "http://127.0.0.1/callback")
+        .await?;
+    env.remember_secret(&client_secret);
+    let secret_file = env.run_dir.join(format!("{}-client-secret", s.ns));
+    std::fs::write(&secret_file, &client_secret).map_err(|e| e.to_string())?;
+    let profile = env.run_dir.join(format!("{}-chromium", s.ns));
+    let browser = Browser::start(&chromium, &driver, &profile).await?;
+    let signed_in = login_with(
+        &env,
+        &s.awx.url,
+        &s.ns,
+        &client_id,
+        &secret_file,
+        (&s.user, &s.password),
+        Some(&browser),
+    )
+    .await;
+    browser.quit().await;
+    signed_in?;
+    wait_ready(&env, &s.ns, NAME, "True", None).await?;
+    let token = env
+        .secret_value(&s.ns, NAME, "token")
+        .await?
+        .ok_or("no token in the target Secret")?;
+    ensure_eq!(
+        s.awx.whoami(&token).await?,
+        Some(s.user.clone()),
+        "the token signed in through chromium works"
+    );
+    for (name, value) in all_secret_values(&env, &s.ns)? {
+        ensure!(!value.contains(&s.password), "{name} holds the password");
+    }
     Ok(())
 }
