@@ -710,40 +710,32 @@ impl Standin {
         ))
     }
 
+    /// The stand-in's listing of `user`'s access and refresh tokens (never a value).
+    async fn token_listing(&self, user: &str) -> Result<Value, String> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/_standin/tokens?user={user}"),
+            None,
+        )
+        .await
+    }
+
     /// The live access tokens of `user` as the stand-in lists them (sha256, application,
     /// description; never a value).
     pub async fn live_token_rows(&self, user: &str) -> Result<Vec<Value>, String> {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/_standin/tokens?user={user}"),
-                None,
-            )
-            .await?;
+        let v = self.token_listing(user).await?;
         Ok(v["access_tokens"].as_array().cloned().unwrap_or_default())
     }
 
     /// The refresh tokens of `user` as the stand-in lists them (sha256, revoked, expired).
     pub async fn refresh_token_rows(&self, user: &str) -> Result<Vec<Value>, String> {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/_standin/tokens?user={user}"),
-                None,
-            )
-            .await?;
+        let v = self.token_listing(user).await?;
         Ok(v["refresh_tokens"].as_array().cloned().unwrap_or_default())
     }
 
     /// sha256 of the live access tokens of `user`.
     pub async fn live_tokens(&self, user: &str) -> Result<Vec<String>, String> {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/_standin/tokens?user={user}"),
-                None,
-            )
-            .await?;
+        let v = self.token_listing(user).await?;
         Ok(v["access_tokens"]
             .as_array()
             .map(|a| {
@@ -762,13 +754,7 @@ impl Standin {
         user: &str,
         password: &str,
     ) -> TestResult {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/_standin/tokens?user={user}"),
-                None,
-            )
-            .await?;
+        let v = self.token_listing(user).await?;
         let digest = sha256_hex(token);
         let id = v["access_tokens"]
             .as_array()
