@@ -17,7 +17,9 @@
 //! Options (or environment variables): `--tokens N` (`AWXTO_BENCH_N`, default 1000),
 //! `--unrelated N` (`AWXTO_BENCH_UNRELATED`, default 20000), `--steady-secs S`
 //! (`AWXTO_BENCH_STEADY_SECS`, default 60), `--users U` (`AWXTO_BENCH_USERS`, default 16),
-//! `--wave-rps R` (`AWXTO_BENCH_WAVE_RPS`, default 20: the wave operator's `--awx-max-rps`).
+//! `--wave-rps R` (`AWXTO_BENCH_WAVE_RPS`, default 20: the wave operator's `--awx-max-rps`),
+//! `--skip shards,wave` (`AWXTO_BENCH_SKIP`): leaves those parts out (their figures print as
+//! "not run"), for an N whose second issuance or wave would take hours on a small machine.
 
 #[allow(dead_code, unused_macros)]
 #[path = "../tests/e2e/support.rs"]
@@ -56,6 +58,8 @@ struct Options {
     steady: Duration,
     users: usize,
     wave_rps: u64,
+    /// Parts left out: "shards", "wave".
+    skip: Vec<String>,
 }
 
 fn option(args: &[String], flag: &str, var: &str, default: u64) -> u64 {
@@ -81,7 +85,23 @@ fn main() {
         )),
         users: option(&args, "--users", "AWXTO_BENCH_USERS", 16).max(1) as usize,
         wave_rps: option(&args, "--wave-rps", "AWXTO_BENCH_WAVE_RPS", WAVE_RPS).max(1),
+        skip: args
+            .iter()
+            .position(|a| a == "--skip")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .or_else(|| std::env::var("AWXTO_BENCH_SKIP").ok())
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
     };
+    if let Some(unknown) = options
+        .skip
+        .iter()
+        .find(|part| !matches!(part.as_str(), "shards" | "wave"))
+    {
+        eprintln!("--skip takes shards and/or wave, not {unknown:?}");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1002,23 +1022,31 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     op.terminate().await?;
 
     // The same issuance by two shards, then the renewal wave of the N tokens issued above.
-    let (shards_2, shards_2_requests) = two_shards(env, &awx, &users, n).await?;
-    let wave = renewal_wave(
-        env,
-        &ns,
-        &awx,
-        &names,
-        awx_issue as f64 / n as f64,
-        o.wave_rps,
-        &meter,
-    )
-    .await?;
+    let skipped = |part: &str| o.skip.iter().any(|p| p == part);
+    let shards = match skipped("shards") {
+        true => None,
+        false => Some(two_shards(env, &awx, &users, n).await?),
+    };
+    let wave = match skipped("wave") {
+        true => None,
+        false => Some(
+            renewal_wave(
+                env,
+                &ns,
+                &awx,
+                &names,
+                awx_issue as f64 / n as f64,
+                o.wave_rps,
+                &meter,
+            )
+            .await?,
+        ),
+    };
     stop.store(true, Ordering::SeqCst);
     let _ = churn.await;
 
     let rate = n as f64 / issued.all_ready.as_secs_f64();
     let total_writes: f64 = writes_issue.values().sum();
-    let wave_writes: f64 = wave.writes.values().sum();
     let by_kind = |m: &BTreeMap<String, f64>| {
         m.iter()
             .map(|(k, v)| format!("{k} {:.2}", v / n as f64))
@@ -1077,36 +1105,47 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
-    println!(
-        "| 1 / 2 shards (two operators, `--shard-selector`, half each) | {rate:.1} / \
-         {shards_2:.1} tokens/s ({:.2}; direct limit {direct:.1}; {shards_2_requests:.2} AWX \
-         requests per token with 2) |",
-        shards_2 / rate
-    );
-    println!(
-        "| renewal wave: {n} due within {:.0} s (rotateEvery {}s, `--awx-max-rps {}`) | all \
-         renewed and the old revoked in {:.1} s; {} grants, {:.2} AWX requests per renewal |",
-        wave.due_within.as_secs_f64(),
-        wave.rotate_every,
-        o.wave_rps,
-        wave.took.as_secs_f64(),
-        wave.grants,
-        wave.requests as f64 / n as f64
-    );
-    println!(
-        "| Kubernetes writes per renewal | {:.2} ({}) |",
-        wave_writes / n as f64,
-        by_kind(&wave.writes)
-    );
-    println!(
-        "| wave: most AWX requests in any one second, received / sent | {} / {} (limit {}) |",
-        wave.peak_rps, wave.peak_sent_rps, o.wave_rps
-    );
-    println!(
-        "| renewals more than {LATE_TOLERANCE_SECS} s after `status.renewalTime` | {} of {n} \
-         (latest {:+} s) |",
-        wave.late, wave.latest
-    );
+    match shards {
+        Some((shards_2, shards_2_requests)) => println!(
+            "| 1 / 2 shards (two operators, `--shard-selector`, half each) | {rate:.1} / \
+             {shards_2:.1} tokens/s ({:.2}; direct limit {direct:.1}; {shards_2_requests:.2} AWX \
+             requests per token with 2) |",
+            shards_2 / rate
+        ),
+        None => println!("| 1 / 2 shards | not run (--skip shards) |"),
+    }
+    match &wave {
+        Some(wave) => {
+            let wave_writes: f64 = wave.writes.values().sum();
+            println!(
+                "| renewal wave: {n} due within {:.0} s (rotateEvery {}s, `--awx-max-rps {}`) | \
+                 all renewed and the old revoked in {:.1} s; {} grants, {:.2} AWX requests per \
+                 renewal |",
+                wave.due_within.as_secs_f64(),
+                wave.rotate_every,
+                o.wave_rps,
+                wave.took.as_secs_f64(),
+                wave.grants,
+                wave.requests as f64 / n as f64
+            );
+            println!(
+                "| Kubernetes writes per renewal | {:.2} ({}) |",
+                wave_writes / n as f64,
+                by_kind(&wave.writes)
+            );
+            println!(
+                "| wave: most AWX requests in any one second, received / sent | {} / {} (limit \
+                 {}) |",
+                wave.peak_rps, wave.peak_sent_rps, o.wave_rps
+            );
+            println!(
+                "| renewals more than {LATE_TOLERANCE_SECS} s after `status.renewalTime` | {} \
+                 of {n} (latest {:+} s) |",
+                wave.late, wave.latest
+            );
+        }
+        None => println!("| renewal wave | not run (--skip wave) |"),
+    }
     println!("tokens: {n}");
     println!("cores: {cores}");
     println!("ratio: {:.3}", rate / direct);
@@ -1114,7 +1153,6 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     println!("operator_tokens_per_s: {rate:.2}");
     println!("awx_requests_per_token: {:.3}", awx_issue as f64 / n as f64);
     println!("k8s_writes_per_token: {:.3}", total_writes / n as f64);
-    println!("k8s_writes_per_renewal: {:.3}", wave_writes / n as f64);
     println!("peak_rss_mib: {peak_rss:.1}");
     println!("cpu_seconds: {cpu_issue:.1}");
     println!("steady_awx_requests: {awx_steady}");
@@ -1125,12 +1163,18 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     println!("p50_new_token_ms: {:.0}", percentile(&latencies, 0.5));
     println!("p99_new_token_ms: {:.0}", percentile(&latencies, 0.99));
     println!("shards_1_tokens_per_s: {rate:.2}");
-    println!("shards_2_tokens_per_s: {shards_2:.2}");
-    println!("shards_ratio: {:.3}", shards_2 / rate);
-    println!("wave_rps_limit: {}", o.wave_rps);
-    println!("wave_peak_rps: {}", wave.peak_rps);
-    println!("wave_peak_sent_rps: {}", wave.peak_sent_rps);
-    println!("late_renewals: {}", wave.late);
-    println!("latest_renewal_s: {}", wave.latest);
+    if let Some((shards_2, _)) = shards {
+        println!("shards_2_tokens_per_s: {shards_2:.2}");
+        println!("shards_ratio: {:.3}", shards_2 / rate);
+    }
+    if let Some(wave) = &wave {
+        let wave_writes: f64 = wave.writes.values().sum();
+        println!("k8s_writes_per_renewal: {:.3}", wave_writes / n as f64);
+        println!("wave_rps_limit: {}", o.wave_rps);
+        println!("wave_peak_rps: {}", wave.peak_rps);
+        println!("wave_peak_sent_rps: {}", wave.peak_sent_rps);
+        println!("late_renewals: {}", wave.late);
+        println!("latest_renewal_s: {}", wave.latest);
+    }
     Ok(())
 }

@@ -540,37 +540,13 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .unwrap_or_default();
         let message =
             sign_in_expired_message(self.token, self.seen.valid.as_ref().ok(), &client_id);
-        let now = self.env.clock.now();
-        let fingerprint = self
-            .seen
-            .inputs
-            .as_ref()
-            .map(|i| i.fingerprint.clone())
-            .unwrap_or_default();
-        let rotation = self.token.annotations().get(ROTATE_ANNOTATION).cloned();
+        let failure = self.failure(SIGN_IN_EXPIRED, &message, false);
         self.edit_state(|s| {
             s.session = None;
-            let previous = s.failure.as_ref();
-            s.failure = Some(FailureRecord {
-                attempts: previous.map_or(0, |f| f.attempts).saturating_add(1),
-                at: now,
-                since: Some(previous.map_or(now, FailureRecord::failing_since)),
-                reason: SIGN_IN_EXPIRED.to_string(),
-                message: message.clone(),
-                retryable: false,
-                inputs: fingerprint.clone(),
-                rotation: rotation.clone(),
-            });
+            s.failure = Some(failure(s.failure.as_ref()));
             Ok(())
         })
         .await?;
-        self.env
-            .metrics
-            .renewal_failures
-            .get_or_create(&ReasonLabels {
-                reason: SIGN_IN_EXPIRED,
-            })
-            .inc();
         self.env
             .cluster
             .publish(
@@ -1044,6 +1020,41 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         Ok(())
     }
 
+    /// Counts a failed attempt to obtain a token, and returns the record that follows
+    /// `previous` (the streak's count and start go on; the inputs and rotate annotation of
+    /// this attempt are kept, so only a change is tried at once).
+    fn failure(
+        &self,
+        reason: &'static str,
+        message: &str,
+        retryable: bool,
+    ) -> impl Fn(Option<&FailureRecord>) -> FailureRecord + use<C, A, K> {
+        self.env
+            .metrics
+            .renewal_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        let now = self.env.clock.now();
+        let inputs = self
+            .seen
+            .inputs
+            .as_ref()
+            .map(|i| i.fingerprint.clone())
+            .unwrap_or_default();
+        let rotation = self.token.annotations().get(ROTATE_ANNOTATION).cloned();
+        let message = message.to_owned();
+        move |previous| FailureRecord {
+            attempts: previous.map_or(0, |f| f.attempts).saturating_add(1),
+            at: now,
+            since: Some(previous.map_or(now, FailureRecord::failing_since)),
+            reason: reason.to_string(),
+            message: message.clone(),
+            retryable,
+            inputs: inputs.clone(),
+            rotation: rotation.clone(),
+        }
+    }
+
     /// Records a failed attempt (clearing the marker unless AWX may have created a token).
     async fn record_failure(
         &mut self,
@@ -1053,18 +1064,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         refresh_broken: bool,
         lost_answer: bool,
     ) -> Result<(), Error> {
-        let now = self.env.clock.now();
         let reason = error.reason();
         let message = error.to_string();
-        let fingerprint = self
-            .seen
-            .inputs
-            .as_ref()
-            .map(|i| i.fingerprint.clone())
-            .unwrap_or_default();
-        let rotation = self.token.annotations().get(ROTATE_ANNOTATION).cloned();
         let unknown = lost_answer || error.outcome() == Outcome::Unknown;
         warn!(reason, error = %message, unknown, "AWX request failed");
+        let failure = self.failure(reason, &message, error.is_retryable());
         self.edit_state(|s| {
             if let Some(marker) = marker
                 && s.issuing.as_ref().map(|m| &m.tag) == Some(&marker.tag)
@@ -1077,25 +1081,10 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             if refresh_broken && let Some(current) = s.current.as_mut() {
                 current.refresh_broken = true;
             }
-            let previous = s.failure.as_ref();
-            s.failure = Some(FailureRecord {
-                attempts: previous.map_or(0, |f| f.attempts).saturating_add(1),
-                at: now,
-                since: Some(previous.map_or(now, FailureRecord::failing_since)),
-                reason: reason.to_string(),
-                message: message.clone(),
-                retryable: error.is_retryable(),
-                inputs: fingerprint.clone(),
-                rotation: rotation.clone(),
-            });
+            s.failure = Some(failure(s.failure.as_ref()));
             Ok(())
         })
         .await?;
-        self.env
-            .metrics
-            .renewal_failures
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
         let note = if self.seen.state.current.is_some() {
             format!(
                 "{} failed: {message}. The Secret keeps its previous token.",

@@ -962,6 +962,119 @@ fn assert_finalizer_removed(run: &Run) {
     );
 }
 
+/// An AuthorizationCode AwxToken whose credentials Secret keeps the refresh token under `key`
+/// (`refreshTokenKey`), and that Secret holding `data` (plain values, base64-encoded here).
+fn sign_in(awx_url: &str, key: &str, data: &[(&str, &str)]) -> (AwxToken, Value) {
+    let mut token = fx::awx_token(awx_url);
+    token.spec.grant.type_ = crate::crd::GrantType::AuthorizationCode;
+    token.spec.grant.credentials_secret_ref.refresh_token_key = key.into();
+    let mut secret = fx::credentials();
+    secret["data"] = data
+        .iter()
+        .map(|(k, v)| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(v);
+            (k.to_string(), Value::from(encoded))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    (token, secret)
+}
+
+#[tokio::test]
+async fn a_sign_in_refreshes_the_refresh_token_under_the_key_its_spec_names() {
+    let mut h = Harness::start().await;
+    let (token, credentials) = sign_in(
+        &h.awx_url(),
+        "rt",
+        &[
+            ("client_id", fx::CLIENT_ID),
+            ("client_secret", fx::CLIENT_SECRET),
+            ("refresh_token", OLD_REFRESH),
+            ("rt", REFRESH),
+        ],
+    );
+    // AWX refuses the refresh (it expired): enough to see what was sent.
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            json!({"error": "invalid_grant", "error_description": "Invalid refresh token"}),
+        ))
+        .mount(h.awx())
+        .await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials)),
+                // The refused refresh, recorded: not retried until the Secret changes.
+                post(SECRETS, Reply::stored(true)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let refreshes = run.awx(Method::POST, "/api/o/token/");
+    assert_eq!(refreshes.len(), 1, "{:?}", run.timeline());
+    assert_eq!(
+        refreshes[0].form(),
+        form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", REFRESH),
+            ("scope", "write")
+        ]),
+        "the value under \"rt\", not the one under the default key"
+    );
+    let ready = condition(last_body(&run, Method::PATCH, STATUS), "Ready");
+    assert_eq!(ready["reason"], "SignInExpired", "{ready}");
+    let saved = fx::state_of(&fx::stored(last_body(&run, Method::POST, SECRETS)));
+    let failure = saved.failure.as_ref().expect("a failure record");
+    assert_eq!(
+        (failure.reason.as_str(), failure.retryable),
+        ("SignInExpired", false)
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
+}
+
+#[tokio::test]
+async fn a_sign_in_without_its_refresh_token_key_is_refused_before_awx() {
+    let mut h = Harness::start().await;
+    let (token, credentials) = sign_in(
+        &h.awx_url(),
+        "rt",
+        &[
+            ("client_id", fx::CLIENT_ID),
+            ("client_secret", fx::CLIENT_SECRET),
+            ("refresh_token", REFRESH),
+        ],
+    );
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    assert!(
+        run.timeline().iter().all(|call| !call.starts_with("awx")),
+        "nothing is sent to AWX: {:?}",
+        run.timeline()
+    );
+    let ready = condition(last_body(&run, Method::PATCH, STATUS), "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "CredentialsNotFound");
+    assert_eq!(
+        ready["message"],
+        "Secret \"awx-bot\" has no key \"rt\" (or it is empty); it must hold the refresh token of a sign-in"
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
+}
+
 #[tokio::test]
 async fn rejected_credentials_fail_once_and_then_wait_for_a_change() {
     let mut h = Harness::start().await;

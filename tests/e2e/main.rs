@@ -72,7 +72,7 @@ fn all() -> Vec<(&'static str, Scenario)> {
             reconciler::serial_shards_split_the_tokens_by_label_and_a_relabel_moves_without_a_second_issue
         ),
         scenario!(signin::signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive_session_refreshes),
-        scenario!(signin::signin_real_browser_signs_in_and_the_token_works),
+        scenario!(signin::signin_real_browser_signs_in_and_consumers_rotate_with_no_password_in_the_cluster),
         scenario!(restarts::restarts_each_kind_once_and_the_old_token_waits_for_the_rollout),
         scenario!(restarts::restarts_two_tokens_feeding_one_workload_share_one_restart),
         scenario!(restarts::restarts_owed_survive_a_forbidden_patch_and_a_crash),

@@ -5,7 +5,9 @@
 //! refreshed underneath without breaking them; a sign-in that can no longer be refreshed
 //! reports SignInExpired with the command to sign in again.
 //!
-//! `signin_real_browser_*` signs in with Debian's chromium, headless, through chromedriver.
+//! `signin_real_browser_*` signs in with Debian's chromium, headless, through chromedriver, and
+//! forces two renewals. Both scenarios assert that the password is in no Secret of the cluster
+//! and in no byte of etcd.
 
 use std::{
     collections::HashMap,
@@ -274,25 +276,118 @@ async fn login_with(
     Ok(out)
 }
 
-/// Every value of every Secret in `ns`, decoded.
-fn all_secret_values(env: &Env, ns: &str) -> Result<Vec<(String, String)>, String> {
-    let list: Value =
-        serde_json::from_str(&env.kubectl(&["get", "secrets", "-n", ns, "-o", "json"])?)
-            .map_err(|e| e.to_string())?;
+/// Every value of every Secret in the cluster, decoded, named `namespace/name/key`.
+fn cluster_secret_values(env: &Env) -> Result<Vec<(String, String)>, String> {
+    let list: Value = serde_json::from_str(&env.kubectl(&["get", "secrets", "-A", "-o", "json"])?)
+        .map_err(|e| e.to_string())?;
     let mut values = Vec::new();
     for item in list["items"].as_array().into_iter().flatten() {
-        let name = item["metadata"]["name"].as_str().unwrap_or_default();
+        let at = format!(
+            "{}/{}",
+            item["metadata"]["namespace"].as_str().unwrap_or_default(),
+            item["metadata"]["name"].as_str().unwrap_or_default()
+        );
         for (key, value) in item["data"].as_object().into_iter().flatten() {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(value.as_str().unwrap_or_default())
                 .map_err(|e| e.to_string())?;
             values.push((
-                format!("{name}/{key}"),
+                format!("{at}/{key}"),
                 String::from_utf8_lossy(&bytes).into_owned(),
             ));
         }
     }
     Ok(values)
+}
+
+/// For each needle, whether it occurs in any file of the test cluster's etcd data directory.
+/// The write-ahead log holds every write the apiserver made (every revision of every object,
+/// Events included), and the cluster stores Secrets unencrypted, so a value that ever reached
+/// the cluster is there.
+fn in_etcd(env: &Env, needles: &[&str]) -> Result<Vec<bool>, String> {
+    let mut found = vec![false; needles.len()];
+    let mut dirs = vec![env.run_dir.join("etcd-data")];
+    let mut files = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            files += 1;
+            for (needle, seen) in needles.iter().zip(found.iter_mut()) {
+                *seen |= memchr::memmem::find(&bytes, needle.as_bytes()).is_some();
+            }
+        }
+    }
+    ensure!(files > 0, "no etcd files under {}", env.run_dir.display());
+    Ok(found)
+}
+
+/// The person's password is nowhere in the cluster: in no Secret of any namespace, and in no
+/// byte etcd ever stored. `stored` is a value known to be in a Secret (the control: the scan
+/// finds what the cluster holds).
+fn ensure_password_absent(env: &Env, password: &str, stored: &str) -> TestResult {
+    for (at, value) in cluster_secret_values(env)? {
+        ensure!(
+            !value.contains(password),
+            "Secret {at} holds the person's password"
+        );
+    }
+    let found = in_etcd(env, &[stored, password])?;
+    ensure_eq!(
+        found,
+        vec![true, false],
+        "etcd holds the consumer's token (the scan's control) and not the password"
+    );
+    Ok(())
+}
+
+/// What consumers see, as README's sign-in section documents: the target Secret holds a
+/// personal token of the person (no application), renewed make-before-break. Two forced
+/// renewals each give a new working personal token; each replaced one works through the grace
+/// period, then is revoked. Returns the last token.
+async fn consumers_rotate_as_documented(
+    env: &Env,
+    s: &crate::scenarios::Setup,
+    first: &str,
+) -> Result<String, String> {
+    ensure_personal(s, first).await?;
+    let second = rotate_and_check(env, s, "one", first).await?;
+    ensure_personal(s, &second).await?;
+    let third = rotate_and_check(env, s, "two", &second).await?;
+    ensure_personal(s, &third).await?;
+    Ok(third)
+}
+
+/// `token` is a live personal token of the person at the stand-in.
+async fn ensure_personal(s: &crate::scenarios::Setup, token: &str) -> TestResult {
+    let digest = crate::support::sha256_hex(token);
+    let rows = s.awx.live_token_rows(&s.user).await?;
+    let row = rows
+        .iter()
+        .find(|r| r["sha256"] == digest.as_str())
+        .ok_or("the consumer's token is not listed at the stand-in")?;
+    ensure_eq!(row["application"], Value::Null, "a personal token");
+    Ok(())
+}
+
+/// A short grace period, so the replaced tokens' revocation is seen.
+fn short_grace(env: &Env, ns: &str) -> TestResult {
+    env.kubectl(&[
+        "patch",
+        "awxt",
+        NAME,
+        "-n",
+        ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"renewal":{"revokeGracePeriod":"10s"}}}"#,
+    ])?;
+    Ok(())
 }
 
 async fn rotate_and_check(
@@ -378,18 +473,7 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         .await?
         .ok_or("login wrote no refresh token")?;
     ensure!(!out.contains(&refresh), "login printed the refresh token");
-    // A short grace period, so the replaced tokens' revocation is seen.
-    env.kubectl(&[
-        "patch",
-        "awxt",
-        NAME,
-        "-n",
-        &s.ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"renewal":{"revokeGracePeriod":"10s"}}}"#,
-    ])?;
+    short_grace(&env, &s.ns)?;
 
     let obj = wait_ready(&env, &s.ns, NAME, "True", None).await?;
     let first = env
@@ -406,14 +490,6 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         "the sign-in's refresh deadline is shown: {}",
         obj["status"]
     );
-    // The consumer's token is a personal token of the person (no application).
-    let digest = crate::support::sha256_hex(&first);
-    let rows = s.awx.live_token_rows(&s.user).await?;
-    let row = rows
-        .iter()
-        .find(|r| r["sha256"] == digest.as_str())
-        .ok_or("the consumer's token is not listed at the stand-in")?;
-    ensure_eq!(row["application"], Value::Null, "a personal token");
     // The Secret's refresh token was consumed by the first refresh of the sign-in.
     let rts = s.awx.refresh_token_rows(&s.user).await?;
     let consumed = rts
@@ -425,16 +501,10 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         Value::Bool(true),
         "the Secret's refresh token is consumed"
     );
-    // No password anywhere in the namespace's Secrets.
-    for (at, value) in all_secret_values(&env, &s.ns)? {
-        ensure!(
-            !value.contains(&s.password),
-            "Secret {at} holds the person's password"
-        );
-    }
+    ensure_password_absent(&env, &s.password, &first)?;
+    let renewed = consumers_rotate_as_documented(&env, &s, &first).await?;
 
-    let second = rotate_and_check(&env, &s, "one", &first).await?;
-    let third = rotate_and_check(&env, &s, "two", &second).await?;
+    let third = renewed;
 
     // The sign-in refreshed underneath: a lifetime of 15s makes it due every 10s.
     let before = refresh_deadline(&env, &s.ns).await?;
@@ -505,9 +575,12 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
 }
 
 /// The sign-in as a person does it: a real headless chromium (through chromedriver) opens the
-/// URL `login` prints, logs in, approves; the AwxToken becomes Ready with a working token and
-/// no password anywhere in the namespace.
-pub async fn signin_real_browser_signs_in_and_the_token_works(env: Arc<Env>) -> TestResult {
+/// URL `login` prints, logs in, approves; the AwxToken becomes Ready with a working personal
+/// token, two forced renewals rotate it make-before-break, and the password is nowhere in the
+/// cluster (no Secret, no byte of etcd) before or after.
+pub async fn signin_real_browser_signs_in_and_consumers_rotate_with_no_password_in_the_cluster(
+    env: Arc<Env>,
+) -> TestResult {
     let Some((chromium, driver)) = webdriver::installed() else {
         if std::env::var_os("AWXTO_REQUIRE_BROWSER").is_some() {
             return Err("chromium and chromedriver are required (AWXTO_REQUIRE_BROWSER)".into());
@@ -540,18 +613,24 @@ pub async fn signin_real_browser_signs_in_and_the_token_works(env: Arc<Env>) -> 
     .await;
     browser.quit().await;
     signed_in?;
+    short_grace(&env, &s.ns)?;
     wait_ready(&env, &s.ns, NAME, "True", None).await?;
-    let token = env
+    let first = env
         .secret_value(&s.ns, NAME, "token")
         .await?
         .ok_or("no token in the target Secret")?;
     ensure_eq!(
-        s.awx.whoami(&token).await?,
+        s.awx.whoami(&first).await?,
         Some(s.user.clone()),
         "the token signed in through chromium works"
     );
-    for (name, value) in all_secret_values(&env, &s.ns)? {
-        ensure!(!value.contains(&s.password), "{name} holds the password");
-    }
-    Ok(())
+    ensure_password_absent(&env, &s.password, &first)?;
+    let last = consumers_rotate_as_documented(&env, &s, &first).await?;
+    ensure_eq!(
+        env.secret_value(&s.ns, NAME, "token").await?,
+        Some(last),
+        "the target Secret holds the last renewal's token"
+    );
+    // Nothing the renewals wrote brought the password in.
+    ensure_password_absent(&env, &s.password, &first)
 }

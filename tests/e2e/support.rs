@@ -761,6 +761,12 @@ impl Standin {
             .and_then(|a| a.iter().find(|t| t["sha256"] == digest.as_str()))
             .and_then(|t| t["id"].as_u64())
             .ok_or("the token is not alive at the stand-in")?;
+        self.delete_token_id_as_user(id, user, password).await
+    }
+
+    /// Deletes access token `id` (a row of [`Standin::live_token_rows`]) in AWX as its user
+    /// would, behind the operator's back.
+    pub async fn delete_token_id_as_user(&self, id: u64, user: &str, password: &str) -> TestResult {
         let path = if self.mode == "gateway" {
             format!("/api/gateway/v1/tokens/{id}/")
         } else {
