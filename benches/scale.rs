@@ -62,12 +62,17 @@ struct Options {
     skip: Vec<String>,
 }
 
-fn option(args: &[String], flag: &str, var: &str, default: u64) -> u64 {
+/// The value after `flag`, else the environment variable `var`.
+fn option_text(args: &[String], flag: &str, var: &str) -> Option<String> {
     args.iter()
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1))
         .cloned()
         .or_else(|| std::env::var(var).ok())
+}
+
+fn option(args: &[String], flag: &str, var: &str, default: u64) -> u64 {
+    option_text(args, flag, var)
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
@@ -85,12 +90,7 @@ fn main() {
         )),
         users: option(&args, "--users", "AWXTO_BENCH_USERS", 16).max(1) as usize,
         wave_rps: option(&args, "--wave-rps", "AWXTO_BENCH_WAVE_RPS", WAVE_RPS).max(1),
-        skip: args
-            .iter()
-            .position(|a| a == "--skip")
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .or_else(|| std::env::var("AWXTO_BENCH_SKIP").ok())
+        skip: option_text(&args, "--skip", "AWXTO_BENCH_SKIP")
             .map(|v| v.split(',').map(str::to_owned).collect())
             .unwrap_or_default(),
     };
@@ -1023,13 +1023,15 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
 
     // The same issuance by two shards, then the renewal wave of the N tokens issued above.
     let skipped = |part: &str| o.skip.iter().any(|p| p == part);
-    let shards = match skipped("shards") {
-        true => None,
-        false => Some(two_shards(env, &awx, &users, n).await?),
+    let shards = if skipped("shards") {
+        None
+    } else {
+        Some(two_shards(env, &awx, &users, n).await?)
     };
-    let wave = match skipped("wave") {
-        true => None,
-        false => Some(
+    let wave = if skipped("wave") {
+        None
+    } else {
+        Some(
             renewal_wave(
                 env,
                 &ns,
@@ -1040,7 +1042,7 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
                 &meter,
             )
             .await?,
-        ),
+        )
     };
     stop.store(true, Ordering::SeqCst);
     let _ = churn.await;

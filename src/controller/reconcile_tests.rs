@@ -963,14 +963,20 @@ fn assert_finalizer_removed(run: &Run) {
 }
 
 /// An AuthorizationCode AwxToken whose credentials Secret keeps the refresh token under `key`
-/// (`refreshTokenKey`), and that Secret holding `data` (plain values, base64-encoded here).
-fn sign_in(awx_url: &str, key: &str, data: &[(&str, &str)]) -> (AwxToken, Value) {
+/// (`refreshTokenKey`), and that Secret: the application's client id and secret and `tokens`
+/// (plain values, base64-encoded here), no user's login.
+fn sign_in(awx_url: &str, key: &str, tokens: &[(&str, &str)]) -> (AwxToken, Value) {
     let mut token = fx::awx_token(awx_url);
     token.spec.grant.type_ = crate::crd::GrantType::AuthorizationCode;
     token.spec.grant.credentials_secret_ref.refresh_token_key = key.into();
     let mut secret = fx::credentials();
-    secret["data"] = data
+    let application = [
+        ("client_id", fx::CLIENT_ID),
+        ("client_secret", fx::CLIENT_SECRET),
+    ];
+    secret["data"] = application
         .iter()
+        .chain(tokens)
         .map(|(k, v)| {
             let encoded = base64::engine::general_purpose::STANDARD.encode(v);
             (k.to_string(), Value::from(encoded))
@@ -986,12 +992,7 @@ async fn a_sign_in_refreshes_the_refresh_token_under_the_key_its_spec_names() {
     let (token, credentials) = sign_in(
         &h.awx_url(),
         "rt",
-        &[
-            ("client_id", fx::CLIENT_ID),
-            ("client_secret", fx::CLIENT_SECRET),
-            ("refresh_token", OLD_REFRESH),
-            ("rt", REFRESH),
-        ],
+        &[("refresh_token", OLD_REFRESH), ("rt", REFRESH)],
     );
     // AWX refuses the refresh (it expired): enough to see what was sent.
     Mock::given(method("POST"))
@@ -1040,15 +1041,7 @@ async fn a_sign_in_refreshes_the_refresh_token_under_the_key_its_spec_names() {
 #[tokio::test]
 async fn a_sign_in_without_its_refresh_token_key_is_refused_before_awx() {
     let mut h = Harness::start().await;
-    let (token, credentials) = sign_in(
-        &h.awx_url(),
-        "rt",
-        &[
-            ("client_id", fx::CLIENT_ID),
-            ("client_secret", fx::CLIENT_SECRET),
-            ("refresh_token", REFRESH),
-        ],
-    );
+    let (token, credentials) = sign_in(&h.awx_url(), "rt", &[("refresh_token", REFRESH)]);
     let run = h
         .reconcile(
             &token,

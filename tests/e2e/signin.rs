@@ -502,9 +502,7 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         "the Secret's refresh token is consumed"
     );
     ensure_password_absent(&env, &s.password, &first)?;
-    let renewed = consumers_rotate_as_documented(&env, &s, &first).await?;
-
-    let third = renewed;
+    let third = consumers_rotate_as_documented(&env, &s, &first).await?;
 
     // The sign-in refreshed underneath: a lifetime of 15s makes it due every 10s.
     let before = refresh_deadline(&env, &s.ns).await?;
