@@ -48,13 +48,9 @@ use crate::{
 /// The condition reason of a sign-in (grant type AuthorizationCode) that cannot be renewed.
 pub const SIGN_IN_EXPIRED: &str = "SignInExpired";
 
-/// What to tell a person whose sign-in cannot be renewed: the exact command that signs in
-/// again (no secret in it; the client secret, if any, is read from a file).
-pub fn sign_in_expired_message(
-    token: &AwxToken,
-    valid: Option<&ValidSpec>,
-    client_id: &str,
-) -> String {
+/// The command that signs in again (no secret in it; the client secret, if any, is read
+/// from a file).
+pub fn login_command(token: &AwxToken, valid: Option<&ValidSpec>, client_id: &str) -> String {
     let url = valid.map_or_else(|| token.spec.awx.url.clone(), |v| v.url.to_string());
     let url = url.trim_end_matches('/');
     let insecure = if url.starts_with("http://") {
@@ -63,17 +59,25 @@ pub fn sign_in_expired_message(
         ""
     };
     format!(
-        "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
-         already used, or the user was disabled); sign in again with: awx-token-operator login \
-         --url {url} --client-id {client_id} --namespace {} --name {}{insecure}",
+        "awx-token-operator login --url {url} --client-id {client_id} --namespace {} --name {}{insecure}",
         token.namespace().unwrap_or_default(),
         token.name_any()
     )
 }
 
-/// A sign-in refreshed this recently is not refreshed again because AWX refused its access
-/// token: that refusal is a failure like any other (with its backoff), not a stale token.
-const FRESH_SESSION: Duration = Duration::from_secs(60);
+/// What to tell a person whose sign-in cannot be renewed: the exact command that signs in
+/// again.
+pub fn sign_in_expired_message(
+    token: &AwxToken,
+    valid: Option<&ValidSpec>,
+    client_id: &str,
+) -> String {
+    format!(
+        "the sign-in can no longer be renewed (its refresh token expired, was revoked or was \
+         already used, or the user was disabled); sign in again with: {}",
+        login_command(token, valid, client_id)
+    )
+}
 
 /// Steps one reconcile may take; a plan that does not settle within them is a bug, and the
 /// reconcile stops rather than loop.
@@ -123,6 +127,7 @@ pub async fn apply<C: Cluster, A: AwxApi, K: Clock>(
         env,
         seen,
         rollout_checked: false,
+        session_refreshed: false,
     };
     for _ in 0..MAX_STEPS {
         let now = env.clock.now();
@@ -157,6 +162,7 @@ pub async fn cleanup<C: Cluster, A: AwxApi, K: Clock>(
         env,
         seen,
         rollout_checked: false,
+        session_refreshed: false,
     };
     for _ in 0..MAX_STEPS {
         let now = env.clock.now();
@@ -181,6 +187,9 @@ struct Run<'a, C, A, K> {
     seen: Observed,
     /// The restarted workloads' rollouts were looked at (once per reconcile).
     rollout_checked: bool,
+    /// The sign-in was refreshed in this reconcile: AWX refusing its access token now is not
+    /// a stale token, so it is not refreshed again (once per reconcile).
+    session_refreshed: bool,
 }
 
 /// A state edit that cannot be applied to the state as it now is.
@@ -481,6 +490,17 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         {
             Ok(issued) => issued,
             Err(e) if e.requires_reissue() => return self.sign_in_expired(&obtain, e).await,
+            // AWX fails like that on every refresh of a sign-in whose access token was deleted
+            // (docs/awx-protocol.md#delete-token); it may pass too (AWX down), so it is retried.
+            Err(e @ AwxError::AwxServerError { .. }) => {
+                let message = format!(
+                    "{e}; for a sign-in that means signing in again with: {}",
+                    self.login_command()
+                );
+                return self
+                    .sign_in_failed(&obtain, None, e.reason(), &message, true)
+                    .await;
+            }
             Err(e) => return self.record_failure(&obtain, None, e, false, false).await,
         };
         let Some(rotated) = issued.refresh_token.as_ref() else {
@@ -506,6 +526,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             Ok(())
         })
         .await?;
+        self.session_refreshed = true;
         if session.user.is_none() {
             // Who signed in, for the personal tokens' owner and for looking tokens up.
             match self.env.awx.whoami(&at, flavor, &issued.access_token).await {
@@ -530,19 +551,52 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
     /// the failure is not retried until the inputs change (a new refresh token).
     async fn sign_in_expired(&mut self, obtain: &Obtain, error: AwxError) -> Result<(), Error> {
         warn!(error = %error, "the sign-in cannot be renewed");
-        let client_id = self
-            .seen
+        let message =
+            sign_in_expired_message(self.token, self.seen.valid.as_ref().ok(), &self.client_id());
+        self.sign_in_failed(obtain, None, SIGN_IN_EXPIRED, &message, false)
+            .await
+    }
+
+    /// The command that signs this AwxToken in again.
+    fn login_command(&self) -> String {
+        login_command(self.token, self.seen.valid.as_ref().ok(), &self.client_id())
+    }
+
+    fn client_id(&self) -> String {
+        self.seen
             .inputs
             .as_ref()
             .ok()
             .and_then(|i| i.client.as_ref())
             .map(|c| c.client_id.clone())
-            .unwrap_or_default();
-        let message =
-            sign_in_expired_message(self.token, self.seen.valid.as_ref().ok(), &client_id);
-        let failure = self.failure(SIGN_IN_EXPIRED, &message, false);
+            .unwrap_or_default()
+    }
+
+    /// Records a failure of the sign-in: the session is dropped when it cannot be renewed
+    /// (`retryable` false: only a new sign-in helps), else marked rejected so that the next
+    /// attempt, after the backoff, refreshes it first. `marker` is the request's, which
+    /// created nothing.
+    async fn sign_in_failed(
+        &mut self,
+        obtain: &Obtain,
+        marker: Option<&IssueIntent>,
+        reason: &'static str,
+        message: &str,
+        retryable: bool,
+    ) -> Result<(), Error> {
+        let failure = self.failure(reason, message, retryable);
+        let tag = marker.map(|m| m.tag.clone());
         self.edit_state(|s| {
-            s.session = None;
+            if tag.is_some() && s.issuing.as_ref().map(|m| &m.tag) == tag.as_ref() {
+                s.issuing = None;
+            }
+            if retryable {
+                if let Some(kept) = s.session.as_mut() {
+                    kept.rejected = true;
+                }
+            } else {
+                s.session = None;
+            }
             s.failure = Some(failure(s.failure.as_ref()));
             Ok(())
         })
@@ -552,7 +606,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .publish(
                 self.token,
                 Event::warning(
-                    SIGN_IN_EXPIRED,
+                    reason,
                     format!(
                         "{} failed: {message}",
                         capitalised(obtain.trigger.describe())
@@ -703,14 +757,27 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 .await;
         }
         if grant_type == GrantType::AuthorizationCode
-            && let Err(AwxError::InvalidCredentials { .. } | AwxError::Unauthorized { .. }) =
+            && let Err(e @ (AwxError::InvalidCredentials { .. } | AwxError::Unauthorized { .. })) =
                 &result
-            && let Some(session) = &session
-            && schedule::add(session.refreshed_at, FRESH_SESSION) < now
+            && session.is_some()
         {
+            if self.session_refreshed {
+                // Refused just after AWX gave it: not a stale token (the user may have been
+                // disabled, or the token deleted at once). Tried again, refreshed first, after
+                // the backoff.
+                let message = format!(
+                    "AWX refused the access token of the sign-in it had just refreshed ({e}); \
+                     it is refreshed and tried again after a backoff. If this repeats, check \
+                     that the user can still sign in to AWX, or sign in again with: {}",
+                    self.login_command()
+                );
+                return self
+                    .sign_in_failed(&obtain, Some(&marker), e.reason(), &message, true)
+                    .await;
+            }
             // AWX no longer takes the sign-in's access token (deleted by a person, or the
-            // sign-in was refreshed elsewhere): refresh the sign-in and try again. A sign-in
-            // whose fresh access token is refused too fails below like any other attempt.
+            // sign-in was refreshed elsewhere): refresh the sign-in and try again, in this
+            // reconcile.
             info!("AWX refused the sign-in's access token; refreshing the sign-in");
             let tag = marker.tag.clone();
             return self

@@ -8,6 +8,7 @@ use base64::Engine as _;
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use kube::runtime::controller::Action;
+use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
 use wiremock::{
     Mock, ResponseTemplate,
@@ -1757,4 +1758,263 @@ async fn another_process_request_in_flight_is_waited_for_without_a_search_and_re
         "{pending}"
     );
     assert!(run.timeline().iter().all(|c| !c.starts_with("awx")));
+}
+
+/// The refresh of a sign-in succeeds (`access`, `refresh`) and AWX says who signed in.
+async fn awx_refreshes_the_sign_in(h: &Harness, access: &str, refresh: &str) {
+    awx_issues(h, access, refresh, 36_000).await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/me/"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"count": 1, "results": [{"id": 7, "username": fx::USERNAME}]}),
+            ),
+        )
+        .mount(h.awx())
+        .await;
+}
+
+/// AWX answers 401 to the personal token's creation with the sign-in's access token.
+async fn awx_refuses_the_bearer(h: &Harness) {
+    Mock::given(method("POST"))
+        .and(path("/api/v2/tokens/"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"detail": "Authentication credentials were not provided."})),
+        )
+        .mount(h.awx())
+        .await;
+}
+
+/// A sign-in whose access token AWX refuses although it was just refreshed (the user was
+/// disabled, or a person deleted the new token at once) is not left for the next scheduled
+/// refresh, weeks away: it is a failure with a backoff, and the attempt after it refreshes the
+/// sign-in first.
+#[tokio::test]
+async fn a_sign_in_refused_right_after_its_refresh_is_retried_after_a_backoff() {
+    let mut h = Harness::start().await;
+    let (token, credentials) =
+        sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
+    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
+    awx_refuses_the_bearer(&h).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials.clone())),
+                // The refreshed pair, then who signed in, the request's marker, the failure.
+                post(SECRETS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    // One refresh and one refused request: the sign-in is not refreshed again at once.
+    assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
+    let created = run.awx(Method::POST, "/api/v2/tokens/");
+    assert_eq!(created.len(), 1, "{:?}", run.timeline());
+    assert_eq!(
+        created[0].authorization.as_deref(),
+        Some(format!("Bearer {ACCESS}").as_str())
+    );
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    let session = saved.session.clone().expect("the sign-in is kept");
+    assert_eq!(
+        (
+            session.refresh_token.to_secret().expose_secret(),
+            session.rejected
+        ),
+        (NEW_REFRESH, true),
+        "the rotated refresh token is kept, to be refreshed before the next attempt"
+    );
+    assert!(saved.issuing.is_none(), "a refused request created nothing");
+    let failure = saved.failure.clone().expect("a failure record");
+    assert_eq!(
+        (failure.reason.as_str(), failure.retryable, failure.attempts),
+        ("InvalidCredentials", true, 1)
+    );
+    let command = format!(
+        "awx-token-operator login --url {} --client-id {} --namespace apps --name ci-bot \
+         --allow-insecure-http",
+        h.awx_url(),
+        fx::CLIENT_ID
+    );
+    assert!(
+        failure.message.ends_with(&format!(
+            "it is refreshed and tried again after a backoff. If this repeats, check that the \
+             user can still sign in to AWX, or sign in again with: {command}"
+        )),
+        "{}",
+        failure.message
+    );
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "Ready")["reason"], "InvalidCredentials");
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(4)..=Duration::from_secs(6)).contains(&requeue),
+        "the first backoff: {requeue:?}"
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
+
+    // After the backoff: the sign-in is refreshed first, then the personal token is created
+    // with the new access token.
+    let mut state = saved;
+    if let Some(f) = state.failure.as_mut() {
+        f.at = ago(1);
+    }
+    h.awx().reset().await;
+    awx_refreshes_the_sign_in(&h, NEW_ACCESS, OLD_REFRESH).await;
+    Mock::given(method("POST"))
+        .and(path("/api/v2/tokens/"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({
+            "id": 5, "token": OLD_ACCESS, "refresh_token": null, "application": null,
+            "scope": "write", "expires": "3025-01-01T00:00:00Z",
+        })))
+        .mount(h.awx())
+        .await;
+    let token = fx::with_status(&token, status);
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials)),
+                // The refreshed pair, the marker, the new token, then the Secret.
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let refreshes = run.awx(Method::POST, "/api/o/token/");
+    assert_eq!(refreshes.len(), 1, "{:?}", run.timeline());
+    assert_eq!(
+        refreshes[0].form(),
+        form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", NEW_REFRESH),
+            ("scope", "write")
+        ]),
+        "the rotated refresh token from the state"
+    );
+    let created = run.awx(Method::POST, "/api/v2/tokens/");
+    assert_eq!(created.len(), 1, "{:?}", run.timeline());
+    assert_eq!(
+        created[0].authorization.as_deref(),
+        Some(format!("Bearer {NEW_ACCESS}").as_str())
+    );
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(saved.failure.is_none(), "{:?}", saved.failure);
+    assert!(!saved.session.expect("the sign-in is kept").rejected);
+    assert_eq!(
+        fx::secret_data(last_body(&run, Method::PATCH, TARGET), "token"),
+        OLD_ACCESS
+    );
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    run.assert_not_leaked(&SECRET_VALUES);
+}
+
+/// A sign-in whose access token a person deleted in AWX: AWX refuses the token, and then fails
+/// (500) on every refresh of the pair (docs/awx-protocol.md#delete-token). The failure says to
+/// sign in again, with the command, and is retried with a backoff (AWX may just be down).
+#[tokio::test]
+async fn a_sign_in_whose_access_token_was_deleted_says_to_sign_in_again() {
+    let mut h = Harness::start().await;
+    let (token, credentials) =
+        sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
+    // The sign-in's pair from a refresh two hours ago, as the state keeps it.
+    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
+    awx_refuses_the_bearer(&h).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials.clone())),
+                post(SECRETS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let mut state = fx::state_of(last_body(&run, Method::PUT, STATE));
+    state.failure = None;
+    if let Some(s) = state.session.as_mut() {
+        s.refreshed_at = ago(2);
+        s.rejected = false;
+    }
+
+    h.awx().reset().await;
+    awx_refuses_the_bearer(&h).await;
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("<h1>Server Error (500)</h1>"))
+        .mount(h.awx())
+        .await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials)),
+                // The marker; the refused token, to be refreshed; the failed refresh.
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let awx: Vec<String> = run
+        .timeline()
+        .into_iter()
+        .filter(|c| c.starts_with("awx"))
+        .collect();
+    assert_eq!(
+        awx,
+        ["awx POST /api/v2/tokens/", "awx POST /api/o/token/"],
+        "one refused request, one refresh, and nothing more"
+    );
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(saved.issuing.is_none(), "a refused request created nothing");
+    assert!(saved.session.expect("the sign-in is kept").rejected);
+    let failure = saved.failure.expect("a failure record");
+    assert_eq!(
+        (failure.reason.as_str(), failure.retryable),
+        ("AwxServerError", true)
+    );
+    assert!(
+        failure.message.ends_with(&format!(
+            "; for a sign-in that means signing in again with: awx-token-operator login --url \
+             {} --client-id {} --namespace apps --name ci-bot --allow-insecure-http",
+            h.awx_url(),
+            fx::CLIENT_ID
+        )),
+        "{}",
+        failure.message
+    );
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(condition(status, "Ready")["reason"], "AwxServerError");
+    let requeue = fx::requeue_after(run.action()).expect("a requeue");
+    assert!(
+        (Duration::from_secs(4)..=Duration::from_secs(6)).contains(&requeue),
+        "the first backoff: {requeue:?}"
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
 }

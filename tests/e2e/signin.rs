@@ -21,7 +21,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::{
-    scenarios::{READY_TIMEOUT, setup_with, wait_ready, wait_token},
+    scenarios::{READY_TIMEOUT, setup_with, wait_condition, wait_ready, wait_token},
     support::{Env, TestResult, condition, free_port, wait_for},
     webdriver::{self, Browser},
 };
@@ -566,6 +566,113 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
     // The consumer's last token is not revoked by the failure.
     ensure_eq!(
         s.awx.whoami(&third).await?,
+        Some(s.user.clone()),
+        "the consumer's token still works"
+    );
+
+    // Signing in again, as the message says, brings the AwxToken back.
+    s.awx.set_lifetimes(None, Some(2_628_000)).await?;
+    env.kubectl(&[
+        "patch",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"renewal":{"refreshTokenLifetime":null}}}"#,
+    ])?;
+    login(
+        &env,
+        &s.awx.url,
+        &s.ns,
+        &client_id,
+        &secret_file,
+        (&s.user, &s.password),
+    )
+    .await?;
+    wait_ready(&env, &s.ns, NAME, "True", None).await?;
+    deleted_session_says_to_sign_in_again(&env, &s, &command).await
+}
+
+/// A person deletes the sign-in's access token in AWX, just after its refresh: AWX refuses
+/// it (401), and fails (500) on every refresh of its pair (docs/awx-protocol.md#delete-token).
+/// The operator refreshes once, then fails with a backoff and the command that signs in
+/// again; the consumer's token is left alone.
+async fn deleted_session_says_to_sign_in_again(
+    env: &Env,
+    s: &crate::scenarios::Setup,
+    command: &str,
+) -> TestResult {
+    let consumer = env
+        .secret_value(&s.ns, NAME, "token")
+        .await?
+        .ok_or("no token in the target Secret")?;
+    // The sign-in's own access token is the user's one application token (the consumer's
+    // are personal tokens, of no application).
+    let rows = s.awx.live_token_rows(&s.user).await?;
+    let session: Vec<u64> = rows
+        .iter()
+        .filter(|r| !r["application"].is_null())
+        .filter_map(|r| r["id"].as_u64())
+        .collect();
+    ensure_eq!(session.len(), 1, "one sign-in access token: {rows:?}");
+    s.awx
+        .delete_token_id_as_user(session[0], &s.user, &s.password)
+        .await?;
+    let before = s.awx.requests().await?.len();
+    env.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        "awx-token-operator.io/rotate=after-delete",
+    ])?;
+    // Ready stays True (the Secret's token works); the renewal's failure has its condition.
+    let obj = wait_condition(env, &s.ns, NAME, "RenewalFailed", "True", "AwxServerError").await?;
+    let requests: Vec<(String, String, u64)> = s.awx.requests().await?[before..]
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap_or_default().to_owned(),
+                r["path"].as_str().unwrap_or_default().to_owned(),
+                r["status"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("POST".to_owned(), "/api/v2/tokens/".to_owned(), 401),
+        ("POST".to_owned(), "/api/o/token/".to_owned(), 500),
+    ];
+    ensure!(
+        requests.starts_with(&expected),
+        "the refused token, then one refresh of the sign-in: {requests:?}"
+    );
+    ensure!(
+        requests.len() <= expected.len() * 2,
+        "no more than one retry after the first backoff: {requests:?}"
+    );
+    let message = obj["status"]["lastFailureMessage"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        message.contains(&format!(
+            "for a sign-in that means signing in again with: {command}"
+        )),
+        "the failure gives the exact command: {message}"
+    );
+    ensure!(!message.contains(&consumer), "no secret in the message");
+    ensure_eq!(
+        env.secret_value(&s.ns, NAME, "token").await?,
+        Some(consumer.clone()),
+        "the Secret keeps its token"
+    );
+    ensure_eq!(
+        s.awx.whoami(&consumer).await?,
         Some(s.user.clone()),
         "the consumer's token still works"
     );
