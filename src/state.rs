@@ -99,6 +99,41 @@ pub struct Session {
     /// AWX answered 401 to the access token: refresh before using it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rejected: bool,
+    /// The AWX base URL and the application the pair was issued by: a sign-in that is
+    /// replaced, cannot be renewed or is deleted is revoked there, with that application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<Sensitive>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
+}
+
+impl Session {
+    /// The sign-in's pair as a token to revoke after `revoke_after`. Revoking its refresh
+    /// token deletes its access token too (docs/awx-protocol.md#revoke-token), and the
+    /// revocation is checked with the access token, so a pair whose refresh token is already
+    /// dead (expired, revoked, used) is still seen to it that its access token dies.
+    pub fn retire(&self, revoke_after: Timestamp) -> RetiringToken {
+        RetiringToken {
+            token: TokenRecord {
+                url: self.url.clone(),
+                client_id: self.client_id.clone(),
+                client_secret: self.client_secret.clone(),
+                access_token: self.access_token.clone(),
+                refresh_token: Some(self.refresh_token.clone()),
+                token_id: None,
+                personal: false,
+                gateway: self.gateway,
+            },
+            revoke_after,
+            failed_attempts: 0,
+            issued_at: Some(self.refreshed_at),
+            clock_offset: None,
+        }
+    }
 }
 
 /// Restarts owed for one token change.
@@ -495,6 +530,10 @@ mod tests {
                 inputs: "abc".into(),
                 user: Some("alice".into()),
                 rejected: false,
+                url: Some("https://awx.example.com".into()),
+                client_id: Some("app".into()),
+                client_secret: Some(Sensitive::new("SessionClient987")),
+                gateway: false,
             }),
         };
         state
@@ -506,6 +545,7 @@ mod tests {
         assert!(!debug.contains("AccessValue123") && !debug.contains("RefreshValue456"));
         assert!(!debug.contains("ClientSecret789"));
         assert!(!debug.contains("SessionAccess321") && !debug.contains("SessionRefresh654"));
+        assert!(!debug.contains("SessionClient987"));
         assert_eq!(
             state.next_revocation(),
             Some(Timestamp::from_second(1_700_000_300).unwrap())

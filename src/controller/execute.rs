@@ -318,6 +318,14 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 }
                 Ok(())
             }
+            Next::RetireSession => {
+                // In memory only, as the current token is.
+                let state = &mut self.seen.state;
+                if let Some(session) = state.session.take() {
+                    state.retiring.push(session.retire(now));
+                }
+                Ok(())
+            }
             Next::Done(_) => Ok(()),
         }
     }
@@ -519,9 +527,23 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             inputs: inputs.fingerprint.clone(),
             user,
             rejected: false,
+            url: Some(at.url.to_string()),
+            client_id: Some(client.client_id.clone()),
+            client_secret: client
+                .client_secret
+                .as_ref()
+                .map(|c| Sensitive::new(c.expose_secret())),
+            gateway: flavor == Flavor::Gateway,
         };
-        // Written before anything else happens: the old pair is dead now.
+        // Written before anything else happens: the old pair is dead now. A sign-in of other
+        // inputs (`login` was run again) is replaced, and its pair revoked: AWX keeps its
+        // access token alive for as long as a personal token's.
         self.edit_state(|s| {
+            if let Some(old) = s.session.take()
+                && old.inputs != session.inputs
+            {
+                s.retiring.push(old.retire(now));
+            }
             s.session = Some(session.clone());
             Ok(())
         })
@@ -572,10 +594,10 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
             .unwrap_or_default()
     }
 
-    /// Records a failure of the sign-in: the session is dropped when it cannot be renewed
-    /// (`retryable` false: only a new sign-in helps), else marked rejected so that the next
-    /// attempt, after the backoff, refreshes it first. `marker` is the request's, which
-    /// created nothing.
+    /// Records a failure of the sign-in: the session is retired (to be revoked) when it
+    /// cannot be renewed (`retryable` false: only a new sign-in helps), else marked rejected
+    /// so that the next attempt, after the backoff, refreshes it first. `marker` is the
+    /// request's, which created nothing.
     async fn sign_in_failed(
         &mut self,
         obtain: &Obtain,
@@ -586,6 +608,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
     ) -> Result<(), Error> {
         let failure = self.failure(reason, message, retryable);
         let tag = marker.map(|m| m.tag.clone());
+        let now = self.env.clock.now();
         self.edit_state(|s| {
             if tag.is_some() && s.issuing.as_ref().map(|m| &m.tag) == tag.as_ref() {
                 s.issuing = None;
@@ -594,8 +617,9 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                 if let Some(kept) = s.session.as_mut() {
                     kept.rejected = true;
                 }
-            } else {
-                s.session = None;
+            } else if let Some(dead) = s.session.take() {
+                // Its refresh token is dead, but its access token may live on in AWX.
+                s.retiring.push(dead.retire(now));
             }
             s.failure = Some(failure(s.failure.as_ref()));
             Ok(())

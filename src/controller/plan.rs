@@ -164,6 +164,8 @@ pub enum Next {
     CheckRollout,
     /// On delete: the current token becomes a retiring one, due now.
     RetireCurrent,
+    /// On delete: the browser sign-in's pair becomes a retiring token, due now.
+    RetireSession,
     Done(Wake),
 }
 
@@ -245,6 +247,10 @@ pub fn next_on_delete(f: &Facts<'_>) -> Next {
     }
     if state.current.is_some() && state.issuing.is_none() {
         return Next::RetireCurrent;
+    }
+    // After the current token, whose revocation may use the sign-in's access token.
+    if state.session.is_some() && state.issuing.is_none() {
+        return Next::RetireSession;
     }
     // Nobody uses a deleted AwxToken's tokens: a grace period no longer holds them back,
     // only the backoff after a failed attempt does.

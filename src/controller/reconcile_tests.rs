@@ -2018,3 +2018,105 @@ async fn a_sign_in_whose_access_token_was_deleted_says_to_sign_in_again() {
     );
     run.assert_not_leaked(&SECRET_VALUES);
 }
+
+/// A sign-in that can no longer be renewed still has an access token AWX keeps alive (for
+/// 1000 years by default): it is revoked, with its refresh token, and checked dead.
+#[tokio::test]
+async fn an_expired_sign_in_s_access_token_is_revoked() {
+    let mut h = Harness::start().await;
+    let (token, credentials) =
+        sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
+    // A sign-in in the state, from an earlier run whose token creation AWX refused.
+    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
+    awx_refuses_the_bearer(&h).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::not_found()),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials.clone())),
+                post(SECRETS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let mut state = fx::state_of(last_body(&run, Method::PUT, STATE));
+    if let Some(f) = state.failure.as_mut() {
+        f.at = ago(1);
+    }
+
+    // Its refresh token expired: the refresh is refused.
+    h.awx().reset().await;
+    Mock::given(method("POST"))
+        .and(path("/api/o/token/"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            json!({"error": "invalid_grant", "error_description": "Invalid refresh token"}),
+        ))
+        .mount(h.awx())
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/o/revoke_token/"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(h.awx())
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/me/"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .set_body_json(json!({"detail": "Authentication credentials were not provided."})),
+        )
+        .mount(h.awx())
+        .await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::not_found()),
+                get(CREDENTIALS, Reply::object(credentials)),
+                // The failure, with the pair retired; its revocation.
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    let failed = fx::state_of(&run.kube(Method::PUT, STATE)[0].body);
+    assert!(failed.session.is_none(), "the sign-in is gone");
+    assert_eq!(failed.retiring.len(), 1);
+    assert_eq!(
+        failed.retiring[0].token.client_id.as_deref(),
+        Some(fx::CLIENT_ID),
+        "revoked by the application that issued it"
+    );
+    let revoked = run.awx(Method::POST, "/api/o/revoke_token/");
+    assert_eq!(revoked.len(), 1, "{:?}", run.timeline());
+    assert_eq!(
+        revoked[0].form(),
+        form(&[("token", NEW_REFRESH), ("token_type_hint", "refresh_token")]),
+        "the refresh token, which takes its access token with it"
+    );
+    let checked = run.awx(Method::GET, "/api/v2/me/");
+    assert_eq!(
+        checked.last().and_then(|c| c.authorization.as_deref()),
+        Some(format!("Bearer {ACCESS}").as_str()),
+        "the access token is checked dead"
+    );
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert!(saved.retiring.is_empty(), "{:?}", saved.retiring);
+    assert_eq!(
+        saved
+            .failure
+            .as_ref()
+            .map(|f| (f.reason.as_str(), f.retryable)),
+        Some(("SignInExpired", false))
+    );
+    run.assert_not_leaked(&SECRET_VALUES);
+}

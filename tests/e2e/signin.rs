@@ -569,6 +569,18 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         Some(s.user.clone()),
         "the consumer's token still works"
     );
+    // The dead sign-in's access token, which AWX would keep for 1000 years, is revoked.
+    wait_for(
+        "the expired sign-in's access token to be revoked",
+        READY_TIMEOUT,
+        || async {
+            Ok(sign_in_tokens(&s.awx, &s.user)
+                .await?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await?;
 
     // Signing in again, as the message says, brings the AwxToken back.
     s.awx.set_lifetimes(None, Some(2_628_000)).await?;
@@ -583,17 +595,69 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
         "-p",
         r#"{"spec":{"renewal":{"refreshTokenLifetime":null}}}"#,
     ])?;
-    login(
-        &env,
-        &s.awx.url,
-        &s.ns,
-        &client_id,
-        &secret_file,
-        (&s.user, &s.password),
+    let sign_in_again = || {
+        login(
+            &env,
+            &s.awx.url,
+            &s.ns,
+            &client_id,
+            &secret_file,
+            (&s.user, &s.password),
+        )
+    };
+    sign_in_again().await?;
+    wait_ready(&env, &s.ns, NAME, "True", None).await?;
+    deleted_session_says_to_sign_in_again(&env, &s, &command).await?;
+
+    // Signing in again replaces the broken sign-in, whose pair is revoked.
+    sign_in_again().await?;
+    wait_condition(&env, &s.ns, NAME, "RenewalFailed", "False", "Renewing").await?;
+    let consumer = env
+        .secret_value(&s.ns, NAME, "token")
+        .await?
+        .ok_or("no token in the target Secret")?;
+    ensure_eq!(
+        s.awx.whoami(&consumer).await?,
+        Some(s.user.clone()),
+        "the consumer's token from the new sign-in works"
+    );
+    wait_for(
+        "one sign-in access token: the new sign-in's",
+        READY_TIMEOUT,
+        || async { Ok((sign_in_tokens(&s.awx, &s.user).await?.len() == 1).then_some(())) },
     )
     .await?;
-    wait_ready(&env, &s.ns, NAME, "True", None).await?;
-    deleted_session_says_to_sign_in_again(&env, &s, &command).await
+
+    // Deleting the AwxToken revokes everything: the consumer's token and the sign-in.
+    env.kubectl(&[
+        "delete",
+        "awxt",
+        NAME,
+        "-n",
+        &s.ns,
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    let live = s.awx.live_token_rows(&s.user).await?;
+    ensure!(live.is_empty(), "no token of the user is alive: {live:?}");
+    let refresh = s.awx.refresh_token_rows(&s.user).await?;
+    ensure!(
+        refresh.iter().all(|r| r["revoked"] == Value::Bool(true)),
+        "every refresh token is revoked: {refresh:?}"
+    );
+    Ok(())
+}
+
+/// The ids of `user`'s live access tokens of an application: a sign-in's own (the consumers'
+/// are personal tokens, of no application).
+async fn sign_in_tokens(awx: &crate::support::Standin, user: &str) -> Result<Vec<u64>, String> {
+    Ok(awx
+        .live_token_rows(user)
+        .await?
+        .iter()
+        .filter(|r| !r["application"].is_null())
+        .filter_map(|r| r["id"].as_u64())
+        .collect())
 }
 
 /// A person deletes the sign-in's access token in AWX, just after its refresh: AWX refuses
@@ -609,15 +673,8 @@ async fn deleted_session_says_to_sign_in_again(
         .secret_value(&s.ns, NAME, "token")
         .await?
         .ok_or("no token in the target Secret")?;
-    // The sign-in's own access token is the user's one application token (the consumer's
-    // are personal tokens, of no application).
-    let rows = s.awx.live_token_rows(&s.user).await?;
-    let session: Vec<u64> = rows
-        .iter()
-        .filter(|r| !r["application"].is_null())
-        .filter_map(|r| r["id"].as_u64())
-        .collect();
-    ensure_eq!(session.len(), 1, "one sign-in access token: {rows:?}");
+    let session = sign_in_tokens(&s.awx, &s.user).await?;
+    ensure_eq!(session.len(), 1, "one sign-in access token: {session:?}");
     s.awx
         .delete_token_id_as_user(session[0], &s.user, &s.password)
         .await?;

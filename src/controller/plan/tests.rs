@@ -707,6 +707,10 @@ fn session(refreshed: Timestamp, inputs: &str) -> Session {
         inputs: inputs.into(),
         user: Some("alice".into()),
         rejected: false,
+        url: Some("https://awx.example.com".into()),
+        client_id: Some("app".into()),
+        client_secret: None,
+        gateway: false,
     }
 }
 
@@ -804,4 +808,52 @@ fn a_failing_sign_in_refresh_waits_for_the_backoff() {
     assert!(at > t(1) && at <= t(6), "{at}");
     w.now = at;
     assert_eq!(w.next(), Next::RefreshSession);
+}
+
+#[test]
+fn deletion_retires_the_sign_in_after_the_current_token() {
+    let mut w = sign_in_world();
+    w.state.session = Some(session(t(0), "fp"));
+    w.state.current = World::healthy().state.current;
+    assert_eq!(next_on_delete(&w.facts()), Next::RetireCurrent);
+    let current = w.state.current.take().expect("a current token");
+    w.state.retiring.push(current.retire(t(10)));
+    // The sign-in's pair is retired only once the current token no longer needs it.
+    assert_eq!(next_on_delete(&w.facts()), Next::RetireSession);
+    let session = w.state.session.take().expect("a session");
+    w.state.retiring.push(session.retire(t(10)));
+    // The current token first (its revocation may use the sign-in), then the sign-in.
+    assert_eq!(next_on_delete(&w.facts()), Next::Revoke(0));
+    w.state.retiring.remove(0);
+    assert_eq!(next_on_delete(&w.facts()), Next::Revoke(0));
+    assert_eq!(
+        w.state.retiring[0].token.refresh_token,
+        Some(Sensitive::new("session-refresh")),
+        "the refresh token is revoked with it"
+    );
+    w.state.retiring.clear();
+    assert_eq!(next_on_delete(&w.facts()), Next::Done(Wake::OnChange));
+}
+
+#[test]
+fn a_retired_sign_in_is_revoked_where_and_by_what_issued_it() {
+    let retired = session(t(0), "fp").retire(t(5));
+    assert_eq!(
+        (
+            retired.token.url.as_deref(),
+            retired.token.client_id.as_deref(),
+            retired.token.personal,
+            retired.token.gateway,
+            retired.revoke_after,
+            retired.issued_at,
+        ),
+        (
+            Some("https://awx.example.com"),
+            Some("app"),
+            false,
+            false,
+            t(5),
+            Some(t(0))
+        )
+    );
 }
