@@ -1043,6 +1043,11 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                         // An annotation present at creation asks for nothing beyond the first
                         // issue.
                         Trigger::Initial => s.rotated_for = rotate.clone(),
+                        // Issued while the annotation holds a value, for whatever reason (new
+                        // credentials, a rejected token), this is the new token the value asks
+                        // for. Left unanswered, the value would replace it at once, with the
+                        // failure backoff just cleared: a second attempt at once for one value.
+                        _ if rotate.is_some() => s.rotated_for = rotate.clone(),
                         _ => {}
                     }
                     Ok(true)

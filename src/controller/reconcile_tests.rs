@@ -1269,6 +1269,84 @@ async fn a_rotation_during_an_outage_tries_once_then_backs_off() {
 }
 
 #[tokio::test]
+async fn a_token_issued_for_new_credentials_answers_the_rotate_annotation_too() {
+    let mut h = Harness::start().await;
+    let (_, world) = issue_first(&mut h).await;
+    let mut token = world.token;
+    token
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(ROTATE_ANNOTATION.into(), "7".into());
+    // A rotation was asked for and its attempt (at once) failed; then the credentials
+    // changed, which are tried at once in turn.
+    let before = "the credentials before the change";
+    let mut state = fx::state_of(&world.state);
+    let current = state.current.as_mut().expect("a current token");
+    current.inputs = before.into();
+    state.failure = Some(FailureRecord {
+        attempts: 1,
+        at: Timestamp::now() - SignedDuration::from_secs(1),
+        since: Some(Timestamp::now() - SignedDuration::from_secs(1)),
+        reason: "AwxServerError".into(),
+        message: "AWX answered 500".into(),
+        retryable: true,
+        inputs: before.into(),
+        rotation: Some("7".into()),
+    });
+    awx_issues(&h, NEW_ACCESS, NEW_REFRESH, AWX_DEFAULT_EXPIRES_IN).await;
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &state))),
+                get(TARGET, Reply::object(world.target.clone())),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+                put(STATE, Reply::stored(false)),
+                put(STATE, Reply::stored(false)),
+                post(EVENTS, Reply::stored(true)),
+                patch(TARGET, Reply::stored(false)),
+                patch(STATUS, Reply::status_of(&token)),
+            ],
+        )
+        .await;
+    // One new token, issued after the annotation was set: it is the rotation asked for, not
+    // a token to replace at once (its success cleared the failure the value met, so nothing
+    // would hold that second grant back).
+    assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
+    let saved = fx::state_of(last_body(&run, Method::PUT, STATE));
+    assert_eq!(
+        saved
+            .current
+            .as_ref()
+            .map(|c| c.token.access_token.expose()),
+        Some(NEW_ACCESS)
+    );
+    assert_eq!(saved.rotated_for.as_deref(), Some("7"));
+    assert_eq!(event_reason(&run), "TokenReissued");
+    let status = last_body(&run, Method::PATCH, STATUS);
+    assert_eq!(status["status"]["rotatedFor"], "7");
+    run.assert_not_leaked(&SECRET_VALUES);
+
+    // Woken again by its own writes: nothing is due.
+    let token = fx::with_status(&token, status);
+    let run = h
+        .reconcile(
+            &token,
+            vec![
+                get(STATE, Reply::object(state_object(&token, &saved))),
+                get(
+                    TARGET,
+                    Reply::object(fx::stored(last_body(&run, Method::PATCH, TARGET))),
+                ),
+                get(CREDENTIALS, Reply::object(fx::credentials())),
+            ],
+        )
+        .await;
+    assert_eq!(run.timeline().len(), 3, "{:?}", run.timeline());
+}
+
+#[tokio::test]
 async fn a_further_failure_keeps_the_start_of_the_streak() {
     let mut h = Harness::start().await;
     let (_, world) = issue_first(&mut h).await;
