@@ -241,13 +241,44 @@ where
     results.into_iter().collect()
 }
 
+/// Every object `api` lists, a page of 500 at a time: one list of 10,000 AwxTokens can take
+/// the API server past its one-minute request timeout on a busy machine. A page that times
+/// out is asked again (a few times), from where the list stood.
+async fn list_all(api: &Api<DynamicObject>) -> Result<Vec<DynamicObject>, String> {
+    const PAGE: u32 = 500;
+    const TRIES: u32 = 5;
+    let mut items = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut params = ListParams::default().limit(PAGE);
+        if let Some(token) = &next {
+            params = params.continue_token(token);
+        }
+        let mut tries = 0;
+        let page = loop {
+            tries += 1;
+            match api.list(&params).await {
+                Ok(page) => break page,
+                Err(kube::Error::Api(e)) if e.code == 504 && tries < TRIES => {
+                    eprintln!(
+                        "listing timed out at the API server ({}); asking again",
+                        e.message
+                    );
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => next = Some(token),
+            None => return Ok(items),
+        }
+    }
+}
+
 async fn ready_count(api: &Api<DynamicObject>) -> Result<usize, String> {
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(list
-        .items
+    Ok(list_all(api)
+        .await?
         .iter()
         .filter(|o| {
             o.data["status"]["conditions"].as_array().is_some_and(|cs| {
@@ -624,12 +655,8 @@ async fn named(
     api: &Api<DynamicObject>,
     names: &[String],
 ) -> Result<BTreeMap<String, DynamicObject>, String> {
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(list
-        .items
+    Ok(list_all(api)
+        .await?
         .into_iter()
         .filter_map(|t| Some((t.metadata.name.clone()?, t)))
         .filter(|(name, _)| names.contains(name))

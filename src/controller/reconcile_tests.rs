@@ -1864,6 +1864,30 @@ async fn awx_refuses_the_bearer(h: &Harness) {
         .await;
 }
 
+/// A first reconcile of `token` in which the sign-in is refreshed (to `ACCESS` and
+/// `NEW_REFRESH`) and AWX then refuses its access token: it ends in a retryable failure with
+/// the sign-in kept in the state.
+async fn refused_after_refresh(h: &mut Harness, token: &AwxToken, credentials: &Value) -> Run {
+    awx_refreshes_the_sign_in(h, ACCESS, NEW_REFRESH).await;
+    awx_refuses_the_bearer(h).await;
+    h.reconcile(
+        token,
+        vec![
+            get(STATE, Reply::not_found()),
+            get(TARGET, Reply::not_found()),
+            get(CREDENTIALS, Reply::object(credentials.clone())),
+            // The refreshed pair, then who signed in, the request's marker, the failure.
+            post(SECRETS, Reply::stored(true)),
+            put(STATE, Reply::stored(false)),
+            put(STATE, Reply::stored(false)),
+            put(STATE, Reply::stored(false)),
+            post(EVENTS, Reply::stored(true)),
+            patch(STATUS, Reply::status_of(token)),
+        ],
+    )
+    .await
+}
+
 /// A sign-in whose access token AWX refuses although it was just refreshed (the user was
 /// disabled, or a person deleted the new token at once) is not left for the next scheduled
 /// refresh, weeks away: it is a failure with a backoff, and the attempt after it refreshes the
@@ -1873,25 +1897,7 @@ async fn a_sign_in_refused_right_after_its_refresh_is_retried_after_a_backoff() 
     let mut h = Harness::start().await;
     let (token, credentials) =
         sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
-    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
-    awx_refuses_the_bearer(&h).await;
-    let run = h
-        .reconcile(
-            &token,
-            vec![
-                get(STATE, Reply::not_found()),
-                get(TARGET, Reply::not_found()),
-                get(CREDENTIALS, Reply::object(credentials.clone())),
-                // The refreshed pair, then who signed in, the request's marker, the failure.
-                post(SECRETS, Reply::stored(true)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                post(EVENTS, Reply::stored(true)),
-                patch(STATUS, Reply::status_of(&token)),
-            ],
-        )
-        .await;
+    let run = refused_after_refresh(&mut h, &token, &credentials).await;
     // One refresh and one refused request: the sign-in is not refreshed again at once.
     assert_eq!(run.awx(Method::POST, "/api/o/token/").len(), 1);
     let created = run.awx(Method::POST, "/api/v2/tokens/");
@@ -2011,24 +2017,7 @@ async fn a_sign_in_whose_access_token_was_deleted_says_to_sign_in_again() {
     let (token, credentials) =
         sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
     // The sign-in's pair from a refresh two hours ago, as the state keeps it.
-    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
-    awx_refuses_the_bearer(&h).await;
-    let run = h
-        .reconcile(
-            &token,
-            vec![
-                get(STATE, Reply::not_found()),
-                get(TARGET, Reply::not_found()),
-                get(CREDENTIALS, Reply::object(credentials.clone())),
-                post(SECRETS, Reply::stored(true)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                post(EVENTS, Reply::stored(true)),
-                patch(STATUS, Reply::status_of(&token)),
-            ],
-        )
-        .await;
+    let run = refused_after_refresh(&mut h, &token, &credentials).await;
     let mut state = fx::state_of(last_body(&run, Method::PUT, STATE));
     state.failure = None;
     if let Some(s) = state.session.as_mut() {
@@ -2105,24 +2094,7 @@ async fn an_expired_sign_in_s_access_token_is_revoked() {
     let (token, credentials) =
         sign_in(&h.awx_url(), "refresh_token", &[("refresh_token", REFRESH)]);
     // A sign-in in the state, from an earlier run whose token creation AWX refused.
-    awx_refreshes_the_sign_in(&h, ACCESS, NEW_REFRESH).await;
-    awx_refuses_the_bearer(&h).await;
-    let run = h
-        .reconcile(
-            &token,
-            vec![
-                get(STATE, Reply::not_found()),
-                get(TARGET, Reply::not_found()),
-                get(CREDENTIALS, Reply::object(credentials.clone())),
-                post(SECRETS, Reply::stored(true)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                put(STATE, Reply::stored(false)),
-                post(EVENTS, Reply::stored(true)),
-                patch(STATUS, Reply::status_of(&token)),
-            ],
-        )
-        .await;
+    let run = refused_after_refresh(&mut h, &token, &credentials).await;
     let mut state = fx::state_of(last_body(&run, Method::PUT, STATE));
     if let Some(f) = state.failure.as_mut() {
         f.at = ago(1);

@@ -376,16 +376,14 @@ async fn ensure_personal(s: &crate::scenarios::Setup, token: &str) -> TestResult
 
 /// A short grace period, so the replaced tokens' revocation is seen.
 fn short_grace(env: &Env, ns: &str) -> TestResult {
+    patch_renewal(env, ns, r#"{"revokeGracePeriod":"10s"}"#)
+}
+
+/// Merges `renewal` (JSON) into the AwxToken's spec.renewal, as a person would with kubectl.
+fn patch_renewal(env: &Env, ns: &str, renewal: &str) -> TestResult {
+    let patch = format!(r#"{{"spec":{{"renewal":{renewal}}}}}"#);
     env.kubectl(&[
-        "patch",
-        "awxt",
-        NAME,
-        "-n",
-        ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"renewal":{"revokeGracePeriod":"10s"}}}"#,
+        "patch", "awxt", NAME, "-n", ns, "--type", "merge", "-p", &patch,
     ])?;
     Ok(())
 }
@@ -506,17 +504,7 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
 
     // The sign-in refreshed underneath: a lifetime of 15s makes it due every 10s.
     let before = refresh_deadline(&env, &s.ns).await?;
-    env.kubectl(&[
-        "patch",
-        "awxt",
-        NAME,
-        "-n",
-        &s.ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"renewal":{"refreshTokenLifetime":"15s"}}}"#,
-    ])?;
+    patch_renewal(&env, &s.ns, r#"{"refreshTokenLifetime":"15s"}"#)?;
     let mut seen = before.clone();
     for round in 0..2 {
         let last = seen.clone();
@@ -529,16 +517,8 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
             },
         )
         .await?;
-        ensure_eq!(
-            env.secret_value(&s.ns, NAME, "token").await?,
-            Some(third.clone()),
-            "a session refresh leaves the consumer's token alone"
-        );
-        ensure_eq!(
-            s.awx.whoami(&third).await?,
-            Some(s.user.clone()),
-            "the consumer's token works after session refresh {round}"
-        );
+        ensure_kept_and_working(&env, &s, &third, &format!("after session refresh {round}"))
+            .await?;
     }
 
     // The refresh token dies (as after 30 days): the next refresh is refused.
@@ -584,17 +564,7 @@ pub async fn signin_browser_sign_in_gives_consumers_personal_tokens_that_outlive
 
     // Signing in again, as the message says, brings the AwxToken back.
     s.awx.set_lifetimes(None, Some(2_628_000)).await?;
-    env.kubectl(&[
-        "patch",
-        "awxt",
-        NAME,
-        "-n",
-        &s.ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"renewal":{"refreshTokenLifetime":null}}}"#,
-    ])?;
+    patch_renewal(&env, &s.ns, r#"{"refreshTokenLifetime":null}"#)?;
     let sign_in_again = || {
         login(
             &env,
@@ -723,15 +693,25 @@ async fn deleted_session_says_to_sign_in_again(
         "the failure gives the exact command: {message}"
     );
     ensure!(!message.contains(&consumer), "no secret in the message");
+    ensure_kept_and_working(env, s, &consumer, "after the failed refresh").await
+}
+
+/// The target Secret still holds the consumer's `token`, and it works at AWX.
+async fn ensure_kept_and_working(
+    env: &Env,
+    s: &crate::scenarios::Setup,
+    token: &str,
+    when: &str,
+) -> TestResult {
     ensure_eq!(
         env.secret_value(&s.ns, NAME, "token").await?,
-        Some(consumer.clone()),
-        "the Secret keeps its token"
+        Some(token.to_owned()),
+        "the Secret keeps the consumer's token {when}"
     );
     ensure_eq!(
-        s.awx.whoami(&consumer).await?,
+        s.awx.whoami(token).await?,
         Some(s.user.clone()),
-        "the consumer's token still works"
+        "the consumer's token works {when}"
     );
     Ok(())
 }
