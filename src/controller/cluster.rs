@@ -15,12 +15,12 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
-    runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter},
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     FIELD_MANAGER,
+    events::{EventPublisher, Publication},
     workloads::{self, Workload},
 };
 use crate::{
@@ -134,10 +134,19 @@ pub trait Cluster: Send + Sync {
 /// The API server.
 pub struct KubeCluster {
     client: Client,
-    recorder: Recorder,
+    events: EventPublisher,
     /// Per Secret (namespace, name), the resource versions this process wrote whose watch
     /// events have not come back yet: those events are its own echo, not news.
     own_writes: Mutex<HashMap<(String, String), Vec<String>>>,
+    /// Per AwxToken (a hash of its uid), the last status this process wrote: a hash of it and
+    /// the resource version the write gave the object. A reconcile that runs before the cache
+    /// has that version would otherwise write the same status again.
+    status_writes: Mutex<HashMap<u64, (u64, u64)>>,
+}
+
+fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 /// Own writes remembered per Secret; older ones are forgotten (their events then pass).
@@ -145,17 +154,11 @@ const OWN_WRITES_KEPT: usize = 4;
 
 impl KubeCluster {
     pub fn new(client: Client, instance: Option<String>) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance,
-            },
-        );
         Self {
+            events: EventPublisher::new(client.clone(), FIELD_MANAGER, instance),
             client,
-            recorder,
             own_writes: Mutex::default(),
+            status_writes: Mutex::default(),
         }
     }
 
@@ -348,28 +351,52 @@ impl Cluster for KubeCluster {
             "kind": AwxToken::kind(&()),
             "status": status,
         });
-        api.patch_status(
-            &token.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
+        let key = hash_of(&(token.uid(), token.namespace(), token.name_any()));
+        let digest = hash_of(&body.to_string());
+        let cached = token.resource_version().and_then(|v| v.parse::<u64>().ok());
+        let written_before = self
+            .status_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .copied();
+        if let (Some((same, version)), Some(cached)) = (written_before, cached)
+            && same == digest
+            && cached < version
+        {
+            debug!("status already written; the cache has not caught up with it");
+            return Ok(());
+        }
+        let written = api
+            .patch_status(
+                &token.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+        let mut writes = self
+            .status_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match written
+            .resource_version()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(version) => writes.insert(key, (digest, version)),
+            None => writes.remove(&key),
+        };
         Ok(())
     }
 
     async fn publish(&self, token: &AwxToken, event: Event) {
-        let event = KubeEvent {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: event.reason.into(),
-            note: Some(event.note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
+        let publication = Publication {
+            warning: event.warning,
+            reason: event.reason,
+            note: &event.note,
+            action: "Reconcile",
+            regarding: &token.object_ref(&()),
         };
-        if let Err(e) = self.recorder.publish(&event, &token.object_ref(&())).await {
+        if let Err(e) = self.events.publish(&publication).await {
             warn!(error = %e, "could not publish event");
         }
     }
@@ -460,18 +487,14 @@ impl Cluster for KubeCluster {
             uid: workload.uid.clone(),
             ..ObjectReference::default()
         };
-        let event = KubeEvent {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: event.reason.into(),
-            note: Some(event.note.chars().take(1000).collect()),
-            action: "Restart".into(),
-            secondary: None,
+        let publication = Publication {
+            warning: event.warning,
+            reason: event.reason,
+            note: &event.note,
+            action: "Restart",
+            regarding: &reference,
         };
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&publication).await {
             warn!(error = %e, "could not publish event");
         }
     }

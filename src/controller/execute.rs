@@ -1542,13 +1542,8 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
                     Ok(())
                 })
                 .await?;
-                self.env
-                    .cluster
-                    .publish(
-                        self.token,
-                        Event::normal("TokenRevoked", "Revoked a replaced token"),
-                    )
-                    .await;
+                // No event: a revocation is routine, and the state write and status above already
+                // cost the renewal two writes (metrics count revocations by outcome).
                 Ok(())
             }
             Err(e) => {

@@ -11,6 +11,7 @@
 pub mod awx_api;
 pub mod cluster;
 pub mod connections;
+pub mod events;
 pub mod execute;
 pub mod observe;
 pub mod pace;

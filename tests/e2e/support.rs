@@ -110,7 +110,10 @@ impl Env {
             run_dir,
             kubeconfig,
             tools_bin,
-            operator_bin: PathBuf::from(env!("CARGO_BIN_EXE_awx-token-operator")),
+            // AWXTO_OPERATOR_BIN runs the operator through something else, e.g. a heap profiler.
+            operator_bin: std::env::var_os("AWXTO_OPERATOR_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_awx-token-operator"))),
             client,
             owned,
             secrets_seen: Mutex::default(),

@@ -107,13 +107,13 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
   resources: ["secrets"]
   verbs: ["delete"]
 {{- end }}
-# Events about AwxTokens (TokenIssued, failures): kube-runtime's Recorder creates
-# events.k8s.io/v1 Events and patches them to count repeats.
+# Events about AwxTokens (TokenIssued, failures): the operator creates events.k8s.io/v1
+# Events and patches a repeat's count into the first one (src/controller/events.rs).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# Core v1 Events: kube-runtime 5's Recorder does not use them; granted (write-only) so a
-# recorder writing core Events still reports.
+# Core v1 Events: not used today; granted (write-only) so that a version writing core
+# Events still reports.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
