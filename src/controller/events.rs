@@ -2,7 +2,7 @@
 //! a repeat of the same event (same object, type, reason and action) within six minutes is
 //! counted in the first one's `series` instead of creating another event. Unlike the
 //! `Recorder`, which keeps a full copy of every event for those six minutes (about 4 KiB each,
-//! 4.4 MiB of heap right after 1,000 tokens were issued, the largest item in the operator's heap
+//! 4.4 MiB of heap partway through issuing 1,000 tokens, the largest item in the operator's heap
 //! profile at N = 1,000), this keeps only what a repeat needs: the event's name, its count and
 //! when it was last seen.
 
