@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 use super::{
     FIELD_MANAGER,
     events::{EventPublisher, Publication},
+    hash_of,
     workloads::{self, Workload},
 };
 use crate::{
@@ -138,15 +139,10 @@ pub struct KubeCluster {
     /// Per Secret (namespace, name), the resource versions this process wrote whose watch
     /// events have not come back yet: those events are its own echo, not news.
     own_writes: Mutex<HashMap<(String, String), Vec<String>>>,
-    /// Per AwxToken (a hash of its uid), the last status this process wrote: a hash of it and
+    /// Per AwxToken (a hash of its uid, namespace and name), the last status this process wrote: a hash of it and
     /// the resource version the write gave the object. A reconcile that runs before the cache
     /// has that version would otherwise write the same status again.
     status_writes: Mutex<HashMap<u64, (u64, u64)>>,
-}
-
-fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 /// Own writes remembered per Secret; older ones are forgotten (their events then pass).

@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
     sync::{Mutex, PoisonError},
 };
 
@@ -71,7 +70,7 @@ impl EventPublisher {
 
     pub async fn publish(&self, event: &Publication<'_>) -> Result<(), kube::Error> {
         let now = Timestamp::now();
-        let key = BuildHasherDefault::<DefaultHasher>::default().hash_one((
+        let key = super::hash_of(&(
             event.warning,
             event.reason,
             event.action,

@@ -471,18 +471,23 @@ fn slim(token: &mut AwxToken) {
 /// (rotate, skip-revoke), finalizers and deletion. Not its status, which this operator
 /// writes itself.
 fn worth_a_reconcile(token: &AwxToken) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
     let meta = &token.metadata;
-    meta.generation.hash(&mut hasher);
-    meta.labels.hash(&mut hasher);
-    meta.annotations.hash(&mut hasher);
-    meta.finalizers.hash(&mut hasher);
-    meta.deletion_timestamp
-        .as_ref()
-        .map(|t| t.0.as_millisecond())
-        .hash(&mut hasher);
-    Some(hasher.finish())
+    Some(hash_of(&(
+        meta.generation,
+        &meta.labels,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp
+            .as_ref()
+            .map(|t| t.0.as_millisecond()),
+    )))
+}
+
+/// A 64-bit hash of `value`, the same in every run: what this process keeps in place of
+/// whole values it only needs to compare (predicates, written statuses, event keys).
+pub(crate) fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 /// Runs the controller until `shutdown` resolves; `ready` is set once the caches are synced.
