@@ -276,6 +276,13 @@ async fn list_all(api: &Api<DynamicObject>) -> Result<Vec<DynamicObject>, String
     }
 }
 
+/// How long the benchmark waits between two lists of `n` AwxTokens: half a second per 1,000
+/// (at least half a second). Each look lists them all, so at N = 10,000 a look every half
+/// second would keep a core of this 2-core machine busy serving the benchmark's own lists.
+fn poll_interval(n: usize) -> Duration {
+    Duration::from_millis((n as u64 / 2).max(500))
+}
+
 async fn ready_count(api: &Api<DynamicObject>) -> Result<usize, String> {
     Ok(list_all(api)
         .await?
@@ -598,7 +605,7 @@ async fn issue_all(
         if started.elapsed() > Duration::from_secs(3600) {
             return Err(format!("only {ready} of {n} Ready after an hour"));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(poll_interval(n)).await;
     }
     Ok(Issuance {
         created,
@@ -780,24 +787,27 @@ async fn renewal_wave(
     })
     .await?;
     // Every status describes the new spec: its renewalTime is the operator's promise.
-    let promised: BTreeMap<String, jiff::Timestamp> = support::wait_for(
-        "every AwxToken to promise its renewal",
-        lead * 3,
-        || async {
-            let tokens = named(&api, names).await?;
-            let settled = tokens.values().all(|t| {
-                t.metadata.generation.is_some()
-                    && t.data["status"]["observedGeneration"].as_i64() == t.metadata.generation
-            });
-            Ok((settled && tokens.len() == n).then(|| {
-                tokens
-                    .iter()
-                    .filter_map(|(name, t)| Some((name.clone(), status_time(t, "renewalTime")?)))
-                    .collect::<BTreeMap<_, _>>()
-            }))
-        },
-    )
-    .await?;
+    let waiting = Instant::now();
+    let promised: BTreeMap<String, jiff::Timestamp> = loop {
+        let tokens = named(&api, names).await?;
+        let settled = tokens.values().all(|t| {
+            t.metadata.generation.is_some()
+                && t.data["status"]["observedGeneration"].as_i64() == t.metadata.generation
+        });
+        if settled && tokens.len() == n {
+            break tokens
+                .iter()
+                .filter_map(|(name, t)| Some((name.clone(), status_time(t, "renewalTime")?)))
+                .collect();
+        }
+        if waiting.elapsed() > lead * 3 {
+            return Err(format!(
+                "not every AwxToken promised its renewal within {:.0} s",
+                (lead * 3).as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(poll_interval(n)).await;
+    };
     let before = meter.read(env).await?;
     let seq_before = awx
         .requests()
@@ -840,7 +850,7 @@ async fn renewal_wave(
                 started.elapsed().as_secs_f64()
             ));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(poll_interval(n).max(Duration::from_secs(1))).await;
     };
     let took = started.elapsed();
     let closed = jiff::Timestamp::now();

@@ -124,7 +124,7 @@ pub fn users(
         .state()
         .iter()
         .filter(|t| uses(t, kind, namespace, name))
-        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .map(|t| super::object_ref(t))
         .collect()
 }
 

@@ -244,7 +244,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         match (&self.seen.state.current, &self.seen.valid) {
             (Some(current), Ok(valid)) if renewable => Some(self.env.pacer.book(
                 self.uid(),
-                &ObjectRef::from_obj(self.token),
+                &super::object_ref(self.token),
                 &valid.host,
                 current.issued_at,
                 plan::renewal_time(self.uid(), current, valid),

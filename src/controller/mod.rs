@@ -219,6 +219,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The reference by which the controller and the pacer name `token`: its namespace and name
+/// only (no uid or resourceVersion, which references compare without).
+pub(crate) fn object_ref(token: &AwxToken) -> ObjectRef<AwxToken> {
+    ObjectRef::new(&token.name_any()).within(&token.namespace().unwrap_or_default())
+}
+
 fn key_of(token: &AwxToken) -> (String, String) {
     (token.namespace().unwrap_or_default(), token.name_any())
 }
@@ -326,15 +332,26 @@ pub struct SecretIndex {
 struct IndexInner {
     /// (namespace, Secret name) → AwxToken names in that namespace.
     by_secret: HashMap<(String, String), Vec<String>>,
-    /// (namespace, AwxToken name) → the Secret names it is indexed under.
-    by_token: HashMap<(String, String), Vec<String>>,
+    /// (namespace, AwxToken name) → the Secrets it is indexed under.
+    by_token: HashMap<(String, String), Indexed>,
     /// During a relist: the AwxTokens listed so far.
     relisted: Option<HashSet<(String, String)>>,
 }
 
+/// The Secrets of one AwxToken.
+#[derive(Default)]
+struct Indexed {
+    /// Indexed under `by_secret`.
+    secrets: Vec<String>,
+    /// Its target Secret has its own name (the default). Not kept in `by_secret`: that would
+    /// cost each AwxToken four more allocations, and its key here already says it.
+    own_name: bool,
+}
+
 impl IndexInner {
     fn remove(&mut self, key: &(String, String)) {
-        for secret in self.by_token.remove(key).unwrap_or_default() {
+        let indexed = self.by_token.remove(key).unwrap_or_default();
+        for secret in indexed.secrets {
             let skey = (key.0.clone(), secret);
             if let Some(names) = self.by_secret.get_mut(&skey) {
                 names.retain(|n| *n != key.1);
@@ -348,10 +365,10 @@ impl IndexInner {
     fn set(&mut self, token: &AwxToken) {
         let key = key_of(token);
         self.remove(&key);
-        let mut secrets = vec![
-            token.spec.grant.credentials_secret_ref.name.clone(),
-            token.secret_name(),
-        ];
+        let target = token.secret_name();
+        let own_name = target == key.1;
+        let mut secrets = vec![token.spec.grant.credentials_secret_ref.name.clone()];
+        secrets.extend((!own_name).then_some(target));
         secrets.extend(
             token
                 .spec
@@ -362,13 +379,25 @@ impl IndexInner {
         );
         secrets.sort();
         secrets.dedup();
+        // Credentials named like the token itself are found through `own_name` too.
+        secrets.retain(|s| !(own_name && *s == key.1));
         for secret in &secrets {
             self.by_secret
                 .entry((key.0.clone(), secret.clone()))
                 .or_default()
                 .push(key.1.clone());
         }
-        self.by_token.insert(key, secrets);
+        secrets.shrink_to_fit();
+        self.by_token.insert(key, Indexed { secrets, own_name });
+    }
+
+    fn tokens_of(&self, namespace: &str, name: &str) -> Vec<String> {
+        let key = (namespace.to_string(), name.to_string());
+        let mut names = self.by_secret.get(&key).cloned().unwrap_or_default();
+        if self.by_token.get(&key).is_some_and(|t| t.own_name) {
+            names.push(key.1);
+        }
+        names
     }
 }
 
@@ -403,11 +432,7 @@ impl SecretIndex {
 
     /// The AwxTokens that read or write Secret `name` in `namespace`.
     pub fn tokens_of(&self, namespace: &str, name: &str) -> Vec<String> {
-        lock(&self.inner)
-            .by_secret
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
-            .unwrap_or_default()
+        lock(&self.inner).tokens_of(namespace, name)
     }
 }
 
@@ -518,7 +543,16 @@ pub async fn run(
         .reflect(writer)
         .inspect_ok(move |event| indexer.update(event))
         .applied_objects()
-        .predicate_filter(worth_a_reconcile, Default::default());
+        .predicate_filter(worth_a_reconcile, Default::default())
+        .map_ok(|mut token| {
+            // This object only names what to reconcile (the reconcile reads the cached one).
+            // The controller keeps that name twice per AwxToken for as long as a reconcile
+            // is scheduled, i.e. always: without the uid and resourceVersion, which nothing
+            // compares, a name costs two allocations rather than four.
+            token.metadata.uid = None;
+            token.metadata.resource_version = None;
+            token
+        });
     let controller = Controller::for_stream(token_events, store.clone());
     let ready_store = store.clone();
     tokio::spawn(async move {
@@ -658,6 +692,23 @@ mod index_tests {
             "the target (named after the AwxToken)"
         );
         assert!(of(&index, "other").is_empty());
+        assert_eq!(
+            lock(&index.inner).by_secret.len(),
+            1,
+            "only the credentials are kept by Secret; a target named after its AwxToken is not"
+        );
+        // A target of another name is indexed by that name, and not by the AwxToken's.
+        let mut named = token("d", "creds");
+        named.spec.secret.name = Some("d-token".into());
+        index.update(&watcher::Event::Apply(named.clone()));
+        assert_eq!(of(&index, "d-token"), ["d"]);
+        assert!(of(&index, "d").is_empty());
+        index.update(&watcher::Event::Delete(named));
+        assert!(of(&index, "d-token").is_empty());
+        // Credentials named like the AwxToken itself (its target too): found once.
+        index.update(&watcher::Event::Apply(token("e", "e")));
+        assert_eq!(of(&index, "e"), ["e"]);
+        index.update(&watcher::Event::Delete(token("e", "e")));
         // A changed spec moves the token in the index.
         index.update(&watcher::Event::Apply(token("a", "creds-2")));
         assert_eq!(of(&index, "creds"), ["b"]);

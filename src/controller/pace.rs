@@ -21,7 +21,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -39,8 +39,9 @@ pub fn slot(max_rps: std::num::NonZeroU32) -> Duration {
     Duration::from_secs(u64::from(REQUESTS_PER_RENEWAL)).mul_f64(1.2) / max_rps.get()
 }
 
-/// One held token's place in its host's renewal order.
-type Key = (Timestamp, String);
+/// One held token's place in its host's renewal order: its renewal time and uid. The uid is
+/// one allocation shared by the order and `places` (the pacer holds every renewable token).
+type Key = (Timestamp, Arc<str>);
 
 #[derive(Debug)]
 struct Entry<R> {
@@ -54,9 +55,9 @@ struct Entry<R> {
 
 #[derive(Debug)]
 struct Book<R> {
-    hosts: HashMap<String, BTreeMap<Key, Entry<R>>>,
-    /// uid → (host, key).
-    places: HashMap<String, (String, Key)>,
+    hosts: HashMap<Arc<str>, BTreeMap<Key, Entry<R>>>,
+    /// uid → (host, key); the host is the one of `hosts`' keys.
+    places: HashMap<Arc<str>, (Arc<str>, Key)>,
 }
 
 /// The renewal order of every host; `R` names an object for the controller (its reference).
@@ -93,20 +94,27 @@ impl<R: Clone> RenewalPacer<R> {
             return due;
         };
         let mut book = lock(&self.book);
-        let key = (due, uid.to_string());
         let floor = schedule::add(issued, schedule::span(issued, due) / 2).min(due);
-        if let Some((old_host, old_key)) = book.places.get(uid).cloned() {
-            if old_host == host && old_key == key {
-                let entries = book.hosts.get_mut(host).expect("a booked host");
-                let entry = entries.get_mut(&key).expect("a booked entry");
-                entry.wake = entry.start;
-                return entry.start;
+        let uid: Arc<str> = match book.places.get(uid).cloned() {
+            Some((old_host, old_key)) => {
+                if &*old_host == host && old_key.0 == due {
+                    let entries = book.hosts.get_mut(host).expect("a booked host");
+                    let entry = entries.get_mut(&old_key).expect("a booked entry");
+                    entry.wake = entry.start;
+                    return entry.start;
+                }
+                remove(&mut book, &old_host, &old_key, slot);
+                old_key.1
             }
-            remove(&mut book, &old_host, &old_key, slot);
-        }
-        book.places
-            .insert(uid.to_string(), (host.to_string(), key.clone()));
-        let entries = book.hosts.entry(host.to_string()).or_default();
+            None => uid.into(),
+        };
+        let key = (due, uid.clone());
+        let host: Arc<str> = match book.hosts.get_key_value(host) {
+            Some((shared, _)) => shared.clone(),
+            None => host.into(),
+        };
+        book.places.insert(uid, (host.clone(), key.clone()));
+        let entries = book.hosts.entry(host).or_default();
         entries.insert(
             key.clone(),
             Entry {
@@ -151,7 +159,7 @@ impl<R: Clone> RenewalPacer<R> {
 
     /// Drops every token for which `keep` says no (gone from the cache).
     pub fn retain(&self, mut keep: impl FnMut(&R) -> bool) {
-        let gone: Vec<String> = {
+        let gone: Vec<Arc<str>> = {
             let book = lock(&self.book);
             book.places
                 .iter()
