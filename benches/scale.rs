@@ -9,8 +9,8 @@
 //! Kubernetes writes and AWX requests per token, the operator's memory and CPU, a steady
 //! state, the latency of one new AwxToken while N are managed, the same issuance by two
 //! shards, and a renewal wave: the N tokens given a short rotateEvery renew together under
-//! `--awx-max-rps`, with their Kubernetes writes, the busiest second at AWX and the renewals
-//! later than promised. It prints a table and then `name: value` lines. Numbers, not
+//! `--awx-max-rps`, with their Kubernetes writes, the busiest second at AWX, the renewals
+//! later than promised and the peak RSS of that operator (started over the N). It prints a table and then `name: value` lines. Numbers, not
 //! assertions: performance targets belong here, not in timed tests; compare the ratio,
 //! measured in the same run, not seconds across machines.
 //!
@@ -445,12 +445,20 @@ fn peak_per_second(times: &mut [f64]) -> usize {
     peak
 }
 
+/// How long `n` renewals of `requests_per_renewal` requests take as the pacer plans them under
+/// `rps` requests a second (src/controller/pace.rs): the limiter spaces requests 1.2/rps apart
+/// and the pacer keeps it `LOAD` busy; the last ends `LEAD` before its renewal time.
+fn paced_wave(n: usize, requests_per_renewal: f64, rps: u64) -> Duration {
+    use awx_token_operator::controller::pace::{LEAD, LOAD};
+    Duration::from_secs_f64(n as f64 * requests_per_renewal * 1.2 / LOAD / rps.max(1) as f64) + LEAD
+}
+
 /// The renewal wave's `rotateEvery`, in whole seconds. Long enough that (1) the earliest
 /// renewal time, issue plus rotateEvery less at most a tenth of it of jitter, comes `lead`
 /// after `now`, when every AwxToken's status shows it; (2) no token renewed in the wave
 /// comes due again before the wave is over: neither after the spread of the issue times nor
-/// after `n` renewals of `requests_per_renewal` requests at `rps` (the operator spaces its
-/// requests 1.2/rps apart), each with `margin` to spare.
+/// after `n` renewals of `requests_per_renewal` requests at `rps` ([`paced_wave`]), each with
+/// `margin` to spare.
 fn wave_rotate_every(
     since_first_issue: Duration,
     issue_spread: Duration,
@@ -458,9 +466,9 @@ fn wave_rotate_every(
     margin: Duration,
     n: usize,
     requests_per_renewal: f64,
-    rps: u32,
+    rps: u64,
 ) -> u64 {
-    let wave = n as f64 * requests_per_renewal * 1.2 / f64::from(rps.max(1));
+    let wave = paced_wave(n, requests_per_renewal, rps).as_secs_f64();
     let starts_after_lead = (since_first_issue + lead).as_secs_f64() / 0.9;
     let outlasts_the_wave = (wave + margin.as_secs_f64()) / 0.9;
     let outlasts_the_spread = (issue_spread + margin).as_secs_f64() / 0.8;
@@ -719,6 +727,9 @@ struct Wave {
     /// The largest `status.issuedAt - status.renewalTime`, in seconds (negative: early).
     latest: i64,
     writes: BTreeMap<String, f64>,
+    /// The wave operator's peak RSS (MiB): an operator that started over N existing
+    /// AwxTokens, under a rate limit (so with the pacer's book), and renewed them all.
+    peak_rss: f64,
 }
 
 /// N tokens issued together renew together: a fresh operator limited to `rps` requests per
@@ -761,8 +772,7 @@ async fn renewal_wave(
     // Renewals are paced (src/controller/pace.rs): the earliest starts up to the whole wave's
     // length before its renewal time, and that start too must come after every status shows
     // its promise.
-    let wave_length =
-        Duration::from_secs_f64(n as f64 * requests_per_renewal * 1.2 / rps.max(1) as f64);
+    let wave_length = paced_wave(n, requests_per_renewal, rps);
     let lead = Duration::from_secs(20) + Duration::from_millis(20 * n as u64) + wave_length;
     let rotate_every = wave_rotate_every(
         age(first, jiff::Timestamp::now()),
@@ -771,7 +781,7 @@ async fn renewal_wave(
         WAVE_GRACE + Duration::from_secs(30),
         n,
         requests_per_renewal,
-        rps as u32,
+        rps,
     );
     let patch = json!({"spec": {"renewal": {
         "rotateEvery": format!("{rotate_every}s"),
@@ -829,8 +839,7 @@ async fn renewal_wave(
             promised.len()
         ));
     }
-    let wave_estimate =
-        Duration::from_secs_f64(n as f64 * requests_per_renewal * 1.2 / rps.max(1) as f64);
+    let wave_estimate = paced_wave(n, requests_per_renewal, rps);
     let deadline = age(&opened, *last_due) + 2 * wave_estimate + Duration::from_secs(120);
     let renewed = loop {
         let tokens = named(&api, names).await?;
@@ -877,6 +886,7 @@ async fn renewal_wave(
         .filter_map(|(name, at)| Some(at.duration_since(*promised.get(name)?).as_secs()))
         .collect();
     let mut sent = sent_between(&op.log, opened, closed)?;
+    let peak_rss = op.pid().map_or(0.0, |pid| proc_status(pid, "VmHWM:"));
     drop(op);
     Ok(Wave {
         rotate_every,
@@ -892,6 +902,7 @@ async fn renewal_wave(
             .count(),
         latest: lateness.iter().copied().max().unwrap_or(0),
         writes,
+        peak_rss,
     })
 }
 
@@ -1182,6 +1193,10 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
                  of {n} (latest {:+} s) |",
                 wave.late, wave.latest
             );
+            println!(
+                "| wave operator (started over the {n}, rate-limited) peak RSS | {:.1} MiB |",
+                wave.peak_rss
+            );
         }
         None => println!("| renewal wave | not run (--skip wave) |"),
     }
@@ -1214,6 +1229,7 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         println!("wave_peak_sent_rps: {}", wave.peak_sent_rps);
         println!("late_renewals: {}", wave.late);
         println!("latest_renewal_s: {}", wave.latest);
+        println!("wave_peak_rss_mib: {:.1}", wave.peak_rss);
     }
     Ok(())
 }

@@ -1,14 +1,20 @@
 //! Renewals paced to the request rate limit, so that tokens due together are not renewed late.
 //!
-//! Under `--awx-max-rps R` one host can take at most one renewal every
-//! `slot = 1.2 × REQUESTS_PER_RENEWAL / R` (the limiter spaces requests 1.2/R apart). Tokens
-//! issued together come due together: 1,000 of them at 20 requests a second need about five
-//! minutes, so without pacing most would be renewed after their `status.renewalTime`. The
+//! Under `--awx-max-rps R` the limiter spaces one host's requests 1.2/R apart, so a renewal
+//! (`REQUESTS_PER_RENEWAL` requests) holds it for `1.2 × REQUESTS_PER_RENEWAL / R`. The pacer
+//! plans each renewal a `slot` of that divided by [`LOAD`]: renewals planned back to back keep
+//! the limiter busy 80% of the time, not 100%. At 100% (as planned before) any other request
+//! queues the renewals behind it for good: in a wave of 10,000 at 20 requests a second, the
+//! time between a renewal's start and its grant leaving was 1.3 s at the median and 14 s at the
+//! 90th percentile, and renewals planned to end just before their renewal time ended after it.
+//! Tokens issued together come due together: 1,000 of them at 20 requests a second need about
+//! six minutes, so without pacing most would be renewed after their `status.renewalTime`. The
 //! pacer keeps, per host, every held token's renewal time `t` in order and gives each a start
-//! `s`: the latest schedule in which each renewal has its slot to itself and ends by its
-//! renewal time, `s_i = min(t_i, s_{i+1}) − slot`, computed from the last token backwards. A
-//! renewal then starts at `s`, early rather than late, and `status.renewalTime` (`t`) stays
-//! what it was.
+//! `s`: the latest schedule in which each renewal has its slot to itself and ends [`LEAD`]
+//! before its renewal time (the grant's own round trip and any wait for the limiter),
+//! `s_i = min(t_i − LEAD, s_{i+1}) − slot`, computed from the last token backwards. A renewal
+//! then starts at `s`, early rather than late, and `status.renewalTime` (`t`) stays what it
+//! was.
 //! A start never comes before half of the token's intended age (`issued + (t − issued)/2`):
 //! where renewals outrun the rate limit even so, some are late, rather than tokens renewed
 //! right after their issue over and over.
@@ -34,9 +40,18 @@ use crate::schedule;
 /// scale benchmark counts them (`awx_requests_per_renewal`).
 pub const REQUESTS_PER_RENEWAL: u32 = 5;
 
-/// The time one renewal holds a host under a limit of `max_rps` requests a second.
+/// The share of a host's rate limit that renewals planned back to back take: the rest absorbs
+/// the requests the plan does not know of (searches, verifications, retries, another
+/// AwxToken's first issue), so that a queue does not build up in the limiter.
+pub const LOAD: f64 = 0.8;
+
+/// How long before its renewal time a paced renewal is planned to end: its grant's round trip
+/// (over 1 s, up to 3 s, on a busy AWX) and any wait for the limiter.
+pub const LEAD: Duration = Duration::from_secs(5);
+
+/// The time the pacer gives one renewal under a limit of `max_rps` requests a second.
 pub fn slot(max_rps: std::num::NonZeroU32) -> Duration {
-    Duration::from_secs(u64::from(REQUESTS_PER_RENEWAL)).mul_f64(1.2) / max_rps.get()
+    Duration::from_secs(u64::from(REQUESTS_PER_RENEWAL)).mul_f64(1.2 / LOAD) / max_rps.get()
 }
 
 /// One held token's place in its host's renewal order: its renewal time and uid. The uid is
@@ -119,7 +134,7 @@ impl<R: Clone> RenewalPacer<R> {
             key.clone(),
             Entry {
                 floor,
-                start: schedule::sub(due, slot).max(floor),
+                start: schedule::sub(schedule::sub(due, LEAD), slot).max(floor),
                 wake: due,
                 object: object.clone(),
             },
@@ -216,7 +231,8 @@ fn ripple<R>(entries: &mut BTreeMap<Key, Entry<R>>, from: &Key, slot: Duration) 
         .next()
         .map(|(_, e)| e.start);
     for (key, entry) in entries.range_mut(..=from.clone()).rev() {
-        let end = next_start.map_or(key.0, |next| key.0.min(next));
+        let ends_by = schedule::sub(key.0, LEAD);
+        let end = next_start.map_or(ends_by, |next| ends_by.min(next));
         let latest = schedule::sub(end, slot);
         let start = latest.max(entry.floor);
         let changed = start != entry.start;
@@ -244,10 +260,10 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + s).unwrap()
     }
 
-    /// One renewal's share of 20 requests a second.
-    const SLOT: Duration = Duration::from_millis(300);
+    /// One renewal's share of 20 requests a second, at 80% load: 5 × 1.2 / 20 / 0.8 s.
+    const SLOT: Duration = Duration::from_millis(375);
 
-    /// 20 requests a second: one renewal every 0.3 s.
+    /// 20 requests a second: one renewal every 0.375 s.
     fn pacer() -> RenewalPacer<String> {
         RenewalPacer::new(NonZeroU32::new(20))
     }
@@ -274,12 +290,12 @@ mod tests {
         let starts: Vec<Timestamp> = (0..4).map(|i| book(&p, &format!("t{i}"), 600)).collect();
         // Booked one by one: the last booked is the last in order (uid), so it keeps 600 and
         // the earlier ones were pulled back; ask again for each to read its current start.
-        assert_eq!(starts[3], at(600) - SLOT);
+        assert_eq!(starts[3], at(600) - LEAD - SLOT);
         let now: Vec<Timestamp> = (0..4).map(|i| book(&p, &format!("t{i}"), 600)).collect();
-        let ms = |t: Timestamp| t.as_millisecond() - at(600).as_millisecond();
+        let ms = |t: Timestamp| t.as_millisecond() - (at(600) - LEAD).as_millisecond();
         assert_eq!(
             now.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
-            [-1200, -900, -600, -300]
+            [-1500, -1125, -750, -375]
         );
     }
 
@@ -287,14 +303,17 @@ mod tests {
     fn spread_out_renewals_are_not_moved() {
         let p = pacer();
         for i in 0..10 {
-            assert_eq!(book(&p, &format!("t{i}"), 600 + i), at(600 + i) - SLOT);
+            assert_eq!(
+                book(&p, &format!("t{i}"), 600 + i),
+                at(600 + i) - LEAD - SLOT
+            );
         }
     }
 
     #[test]
     fn a_later_token_pulls_earlier_ones_and_they_are_named_once() {
         let p = pacer();
-        assert_eq!(book(&p, "a", 600), at(600) - SLOT);
+        assert_eq!(book(&p, "a", 600), at(600) - LEAD - SLOT);
         assert!(p.overdue(at(10_000)).is_empty());
         // b is due 0.1 s after a: a must end by the time b starts.
         let b = p.book(
@@ -304,12 +323,15 @@ mod tests {
             at(0),
             at(600) + Duration::from_millis(100),
         );
-        assert_eq!(b, at(600) - Duration::from_millis(200));
+        assert_eq!(b, at(600) - LEAD - Duration::from_millis(275));
         // Not yet within the horizon asked for: not named.
         assert!(p.overdue(at(500)).is_empty());
         assert_eq!(p.overdue(at(600)), ["a"]);
         assert!(p.overdue(at(600)).is_empty(), "named only once");
-        assert_eq!(book(&p, "a", 600), at(600) - Duration::from_millis(500));
+        assert_eq!(
+            book(&p, "a", 600),
+            at(600) - LEAD - Duration::from_millis(650)
+        );
     }
 
     #[test]
@@ -317,15 +339,15 @@ mod tests {
         let p = pacer();
         assert_eq!(
             p.book("a", &"a".into(), "one:443", at(0), at(600)),
-            at(600) - SLOT
+            at(600) - LEAD - SLOT
         );
         assert_eq!(
             p.book("b", &"b".into(), "two:443", at(0), at(600)),
-            at(600) - SLOT
+            at(600) - LEAD - SLOT
         );
         assert_eq!(
             p.book("a", &"a".into(), "one:443", at(0), at(600)),
-            at(600) - SLOT
+            at(600) - LEAD - SLOT
         );
     }
 
@@ -334,13 +356,13 @@ mod tests {
         let p = pacer();
         book(&p, "a", 600);
         book(&p, "b", 600);
-        assert_eq!(book(&p, "a", 600), at(600) - 2 * SLOT);
+        assert_eq!(book(&p, "a", 600), at(600) - LEAD - 2 * SLOT);
         p.forget("b");
-        assert_eq!(book(&p, "a", 600), at(600) - SLOT);
+        assert_eq!(book(&p, "a", 600), at(600) - LEAD - SLOT);
         book(&p, "b", 600);
         // b renewed: due again much later, out of a's way.
-        assert_eq!(book(&p, "b", 3600), at(3600) - SLOT);
-        assert_eq!(book(&p, "a", 600), at(600) - SLOT);
+        assert_eq!(book(&p, "b", 3600), at(3600) - LEAD - SLOT);
+        assert_eq!(book(&p, "a", 600), at(600) - LEAD - SLOT);
         p.retain(|r| r != "a");
         assert_eq!(p.len(), 1);
     }
@@ -385,7 +407,8 @@ mod tests {
             let mut expected = vec![at(0); by_due.len()];
             let mut next: Option<Timestamp> = None;
             for (k, (due, _)) in by_due.iter().enumerate().rev() {
-                let latest = schedule::sub(next.map_or(*due, |n| (*due).min(n)), SLOT);
+                let ends_by = schedule::sub(*due, LEAD);
+                let latest = schedule::sub(next.map_or(ends_by, |n| ends_by.min(n)), SLOT);
                 let floor = schedule::add(at(0), schedule::span(at(0), *due) / 2);
                 expected[k] = latest.max(floor);
                 next = Some(expected[k]);

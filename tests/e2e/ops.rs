@@ -240,8 +240,8 @@ pub async fn ops_host_outside_allow_list_gets_no_request(env: Arc<Env>) -> TestR
 /// Renewals due together are started early enough that none is late under the rate limit.
 /// Eight tokens issued within seconds (no limit) all come due about 120 s later; a new
 /// operator with `--awx-max-rps 2` then has room for one renewal every 3 s (five requests
-/// each, spaced 0.6 s), 24 s for the eight: started at their renewal times, the last would
-/// be about 20 s late.
+/// each, spaced 0.6 s; the pacer plans 3.75 s, the limiter 80% busy), 24 s for the eight:
+/// started at their renewal times, the last would be about 20 s late.
 pub async fn ops_renewals_due_together_are_started_early_not_late(env: Arc<Env>) -> TestResult {
     const N: usize = 8;
     let awx = env.private_standin("paced", "awx")?;
@@ -297,7 +297,8 @@ pub async fn ops_renewals_due_together_are_started_early_not_late(env: Arc<Env>)
         "renewals later than promised: {lateness:?}"
     );
     // Pacing started renewals early, not all at once: the new tokens' issue times are spread
-    // over at least the 21 s seven 3 s slots take (less a second of rounding each end).
+    // over at least the 21 s seven slots of 3 s or more take (less a second of rounding each
+    // end).
     let (first, last) = (
         renewed.iter().min().ok_or("none")?,
         renewed.iter().max().ok_or("none")?,
