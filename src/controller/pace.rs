@@ -46,8 +46,15 @@ pub const REQUESTS_PER_RENEWAL: u32 = 5;
 pub const LOAD: f64 = 0.8;
 
 /// How long before its renewal time a paced renewal is planned to end: its grant's round trip
-/// (over 1 s, up to 3 s, on a busy AWX) and any wait for the limiter.
+/// (over 1 s, up to 3 s, on a busy AWX) and any wait for the limiter. At most a twentieth of
+/// the token's intended age, so that a token renewed every few seconds is not renewed at half
+/// its age.
 pub const LEAD: Duration = Duration::from_secs(5);
+
+/// [`LEAD`], or a twentieth of the intended age (twice `due − floor`) when that is shorter.
+fn lead(due: Timestamp, floor: Timestamp) -> Duration {
+    LEAD.min(schedule::span(floor, due) / 10)
+}
 
 /// The time the pacer gives one renewal under a limit of `max_rps` requests a second.
 pub fn slot(max_rps: std::num::NonZeroU32) -> Duration {
@@ -134,7 +141,7 @@ impl<R: Clone> RenewalPacer<R> {
             key.clone(),
             Entry {
                 floor,
-                start: schedule::sub(schedule::sub(due, LEAD), slot).max(floor),
+                start: schedule::sub(schedule::sub(due, lead(due, floor)), slot).max(floor),
                 wake: due,
                 object: object.clone(),
             },
@@ -231,7 +238,7 @@ fn ripple<R>(entries: &mut BTreeMap<Key, Entry<R>>, from: &Key, slot: Duration) 
         .next()
         .map(|(_, e)| e.start);
     for (key, entry) in entries.range_mut(..=from.clone()).rev() {
-        let ends_by = schedule::sub(key.0, LEAD);
+        let ends_by = schedule::sub(key.0, lead(key.0, entry.floor));
         let end = next_start.map_or(ends_by, |next| ends_by.min(next));
         let latest = schedule::sub(end, slot);
         let start = latest.max(entry.floor);
@@ -297,6 +304,14 @@ mod tests {
             now.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
             [-1500, -1125, -750, -375]
         );
+    }
+
+    #[test]
+    fn a_token_renewed_every_few_seconds_keeps_a_short_lead() {
+        // Issued at 0, due at 4 s: the lead is a twentieth of that age (0.2 s), not 5 s, so
+        // the renewal does not fall back to half its age.
+        let p = pacer();
+        assert_eq!(book(&p, "t", 4), at(4) - Duration::from_millis(200) - SLOT);
     }
 
     #[test]
