@@ -367,8 +367,7 @@ impl IndexInner {
         self.remove(&key);
         let target = token.secret_name();
         let own_name = target == key.1;
-        let mut secrets = vec![token.spec.grant.credentials_secret_ref.name.clone()];
-        secrets.extend((!own_name).then_some(target));
+        let mut secrets = vec![token.spec.grant.credentials_secret_ref.name.clone(), target];
         secrets.extend(
             token
                 .spec
@@ -379,7 +378,8 @@ impl IndexInner {
         );
         secrets.sort();
         secrets.dedup();
-        // Credentials named like the token itself are found through `own_name` too.
+        // A Secret named after the token (its target, or credentials of that name) is found
+        // through `own_name`.
         secrets.retain(|s| !(own_name && *s == key.1));
         for secret in &secrets {
             self.by_secret
