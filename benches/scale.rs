@@ -7,7 +7,8 @@
 //! requests the operator sends per token, at the operator's concurrency), the operator
 //! issuing N tokens (created with a concurrent client, so creation is not what is measured),
 //! Kubernetes writes and AWX requests per token, the operator's memory and CPU, a steady
-//! state, the latency of one new AwxToken while N are managed, the same issuance by two
+//! state, the latency of one new AwxToken while N are managed, an operator restarted over
+//! them (until it has reconciled each once: its time and peak RSS), the same issuance by two
 //! shards, and a renewal wave: the N tokens given a short rotateEvery renew together under
 //! `--awx-max-rps`, with their Kubernetes writes, the busiest second at AWX, the renewals
 //! later than promised and the peak RSS of that operator (started over the N). It prints a table and then `name: value` lines. Numbers, not
@@ -665,6 +666,53 @@ async fn two_shards(
     ))
 }
 
+/// What an operator restarted over existing AwxTokens costs before any is due.
+struct Restart {
+    /// From the process's start until every AwxToken was reconciled once.
+    settled: Duration,
+    /// Peak RSS (MiB, `VmHWM`) by then.
+    peak_rss: f64,
+    /// AWX requests meanwhile: none is due, so any is a token issued again.
+    awx_requests: usize,
+}
+
+/// Starts an operator limited to `rps` AWX requests a second in `ns`, which holds `count`
+/// Ready AwxTokens none of which is due, and waits until its metrics count `count`
+/// successful reconciles: proof it has read and booked every one.
+async fn restarted(
+    env: &Env,
+    ns: &str,
+    awx: &support::Standin,
+    count: usize,
+    rps: u64,
+) -> Result<Restart, String> {
+    let awx_before = awx.requests().await?.len();
+    let started = Instant::now();
+    let mut op = start_operator(env, ns, &operator_flags(rps))?;
+    let pid = op.pid().ok_or("operator not running")?;
+    wait_ready(&op).await?;
+    support::wait_for(
+        "the restarted operator to reconcile every AwxToken once",
+        Duration::from_secs(600),
+        || async {
+            let ok = op
+                .metric("awx_token_operator_reconciles_total{result=\"ok\"}")
+                .await?
+                .unwrap_or(0.0);
+            Ok((ok >= count as f64).then_some(()))
+        },
+    )
+    .await?;
+    let settled = started.elapsed();
+    let peak_rss = proc_status(pid, "VmHWM:");
+    op.terminate().await?;
+    Ok(Restart {
+        settled,
+        peak_rss,
+        awx_requests: awx.requests().await?.len() - awx_before,
+    })
+}
+
 /// The AwxTokens of `names`, by name.
 async fn named(
     api: &Api<DynamicObject>,
@@ -1069,6 +1117,10 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     let peak_rss = peak_rss.max(proc_status(pid, "VmHWM:"));
     op.terminate().await?;
 
+    // A restart: an operator started over the N (and the latency samples) under the rate limit,
+    // so it also books every renewal with the pacer, until it has reconciled each once.
+    let restart = restarted(env, &ns, &awx, n + LATENCY_SAMPLES, o.wave_rps).await?;
+
     // The same issuance by two shards, then the renewal wave of the N tokens issued above.
     let skipped = |part: &str| o.skip.iter().any(|p| p == part);
     let shards = if skipped("shards") {
@@ -1155,6 +1207,15 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99)
     );
+    println!(
+        "| operator restarted over the {} (`--awx-max-rps {}`): every one reconciled after / \
+         peak RSS / AWX requests | {:.1} s / {:.1} MiB / {} |",
+        n + LATENCY_SAMPLES,
+        o.wave_rps,
+        restart.settled.as_secs_f64(),
+        restart.peak_rss,
+        restart.awx_requests
+    );
     match shards {
         Some((shards_2, shards_2_requests)) => println!(
             "| 1 / 2 shards (two operators, `--shard-selector`, half each) | {rate:.1} / \
@@ -1216,6 +1277,9 @@ async fn bench(env: &Env, o: &Options) -> Result<(), String> {
     );
     println!("p50_new_token_ms: {:.0}", percentile(&latencies, 0.5));
     println!("p99_new_token_ms: {:.0}", percentile(&latencies, 0.99));
+    println!("restart_settled_s: {:.1}", restart.settled.as_secs_f64());
+    println!("restart_peak_rss_mib: {:.1}", restart.peak_rss);
+    println!("restart_awx_requests: {}", restart.awx_requests);
     println!("shards_1_tokens_per_s: {rate:.2}");
     if let Some((shards_2, _)) = shards {
         println!("shards_2_tokens_per_s: {shards_2:.2}");

@@ -240,7 +240,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     };
     // Every AwxToken (no shard selector), for the count; each event wakes its connection.
     let counter = shared.clone();
-    let token_events = watcher(token_api, watcher::Config::default().any_semantic())
+    let token_events = watcher(token_api, super::paged_lists())
         .default_backoff()
         .inspect_ok(move |event| lock(&counter.users).update(event))
         .touched_objects()

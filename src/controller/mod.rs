@@ -515,6 +515,20 @@ pub(crate) fn hash_of<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
+/// Objects per page when a watcher lists AwxTokens or Secrets (at startup, and again whenever
+/// a watch has to start over).
+const LIST_PAGE: u32 = 100;
+
+/// How this operator lists what it watches in numbers: read from etcd in pages of
+/// [`LIST_PAGE`]. A list at any resource version (kube-rs' `any_semantic`, `resourceVersion=0`)
+/// is answered from kube-apiserver's watch cache in one piece, whatever the limit (so on the
+/// test cluster's v1.20): an operator started over 10,000 AwxTokens then parsed 10,000 full
+/// objects at once, managed fields and all, in each of its two AwxToken watchers. In the
+/// scale benchmark at N = 1,000, that was 8.8 of a restarted operator's 13 MiB of peak heap.
+pub(crate) fn paged_lists() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE)
+}
+
 /// Runs the controller until `shutdown` resolves; `ready` is set once the caches are synced.
 pub async fn run(
     ctx: Arc<Context>,
@@ -530,7 +544,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    let mut watcher_config = watcher::Config::default().any_semantic();
+    let mut watcher_config = paged_lists();
     if let Some(selector) = &ctx.settings.shard_selector {
         watcher_config = watcher_config.labels(selector);
     }
@@ -583,7 +597,7 @@ pub async fn run(
     let connections_task = tokio::spawn(connections::run(ctx.clone(), namespace.clone()));
     // Secrets are watched as metadata only: their data never enters this process's caches,
     // and nothing of them is kept.
-    let secret_events = watcher(secret_api, watcher::Config::default().any_semantic())
+    let secret_events = watcher(secret_api, paged_lists())
         .default_backoff()
         .touched_objects();
     controller
