@@ -583,7 +583,7 @@ pub async fn serial_shards_split_the_tokens_by_label_and_a_relabel_moves_without
         &["--shard-selector", &format!("{KEY}=shard-1")],
     )
     .await?;
-    let two = env.start_operator(&s.ns, &["--shard-selector", &format!("{KEY}=shard-2")])?;
+    let mut two = env.start_operator(&s.ns, &["--shard-selector", &format!("{KEY}=shard-2")])?;
     // Four applications: grants of one user and application run one at a time per process.
     for c in 0..4 {
         s.password_credentials(&env, &format!("creds-{c}")).await?;
@@ -678,6 +678,29 @@ pub async fn serial_shards_split_the_tokens_by_label_and_a_relabel_moves_without
         ),
         (one_sent, two_sent + 1.0),
         "one new token, by the new shard; none when it moved"
+    );
+
+    // Shard 2 crashes and starts over its 501 AwxTokens: its watchers list them in pages
+    // (`paged_lists`, 100 a page), and it issues nothing, once it has reconciled every one.
+    two.restart()?;
+    wait_for(
+        "the restarted shard to reconcile each of its 501 AwxTokens",
+        Duration::from_secs(120),
+        || async {
+            let ok = two
+                .metric("awx_token_operator_reconciles_total{result=\"ok\"}")
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0.0);
+            Ok((ok >= (TOKENS / 2 + 1) as f64).then_some(()))
+        },
+    )
+    .await?;
+    ensure_eq!(
+        token_requests_sent(&two).await?,
+        0.0,
+        "a restart over 501 AwxTokens issues no token"
     );
     Ok(())
 }
