@@ -141,7 +141,8 @@ impl<R: Clone> RenewalPacer<R> {
             key.clone(),
             Entry {
                 floor,
-                start: schedule::sub(schedule::sub(due, lead(due, floor)), slot).max(floor),
+                // `ripple` computes every start, this one's first.
+                start: floor,
                 wake: due,
                 object: object.clone(),
             },
