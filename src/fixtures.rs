@@ -530,8 +530,19 @@ impl Harness {
         self.awx.uri()
     }
 
-    /// Reconciles `token` once, answering the Kubernetes calls of `script` in order.
+    /// Reconciles `token` once, answering the Kubernetes calls of `script` in order. The
+    /// reconcile first reads the AwxToken (the controller caches its metadata only): that GET
+    /// is answered with `token` and checked here, and left out of the run's calls.
     pub async fn reconcile(&mut self, token: &AwxToken, script: Vec<Expected>) -> Run {
+        let own_path = format!(
+            "/apis/awx-token-operator.io/v1alpha1/namespaces/{}/awxtokens/{}",
+            kube::ResourceExt::namespace(token).unwrap_or_default(),
+            kube::ResourceExt::name_any(token)
+        );
+        let script: Vec<Expected> =
+            std::iter::once(get(own_path.clone(), Reply::object(to_value(token))))
+                .chain(script)
+                .collect();
         let handle = self
             .handle
             .take()
@@ -551,7 +562,12 @@ impl Harness {
         let started = Timestamp::now();
         let result = tokio::time::timeout(
             RECONCILE_TIMEOUT,
-            controller::reconcile(Arc::new(token.clone()), self.ctx.clone()),
+            controller::reconcile(
+                Arc::new(kube::core::PartialObjectMetaExt::into_response_partial(
+                    token.metadata.clone(),
+                )),
+                self.ctx.clone(),
+            ),
         )
         .await;
         let finished = Timestamp::now();
@@ -564,7 +580,16 @@ impl Harness {
         };
         self.handle = Some(handle);
         record_awx(&self.awx, &log).await;
-        let log = std::mem::take(&mut *lock(&log));
+        let mut log = std::mem::take(&mut *lock(&log));
+        match log.calls.first() {
+            Some(Call::Kube(first)) if first.method == Method::GET && first.path == own_path => {
+                log.calls.remove(0);
+            }
+            other => panic!(
+                "the reconcile did not read the AwxToken first (GET {own_path}); it began with {}",
+                other.map_or("nothing".to_string(), Call::to_string)
+            ),
+        }
         self.awx_seen = log.awx_seen;
         let timeline: String = log.calls.iter().map(|c| format!("\n  {c}")).collect();
         let Ok(result) = result else {

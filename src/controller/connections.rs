@@ -112,36 +112,32 @@ pub fn spec_changes<K: ConnectionObject>(
         .boxed()
 }
 
-/// The AwxTokens (of the cache) that name connection `name` of `kind` (in `namespace`, for the
-/// namespaced kind).
+/// The AwxTokens of this process (in `store`, its shard) that name connection `name` of
+/// `kind` (in `namespace`, for the namespaced kind).
 pub fn users(
-    store: &Store<AwxToken>,
+    ctx: &Context,
+    store: &Store<super::CachedToken>,
     kind: ConnectionKind,
     namespace: Option<&str>,
     name: &str,
-) -> Vec<ObjectRef<AwxToken>> {
-    store
-        .state()
-        .iter()
-        .filter(|t| uses(t, kind, namespace, name))
-        .map(|t| super::object_ref(t))
+) -> Vec<super::TokenRef> {
+    let key = (
+        kind,
+        namespace.unwrap_or_default().to_string(),
+        name.to_string(),
+    );
+    lock(&ctx.connection_users)
+        .by_token
+        .values()
+        .filter(|(k, _)| *k == key)
+        .map(|(_, (ns, name))| ObjectRef::new(name).within(ns))
+        .filter(|r| store.get(r).is_some())
         .collect()
-}
-
-fn uses(token: &AwxToken, kind: ConnectionKind, namespace: Option<&str>, name: &str) -> bool {
-    token.spec.connection_ref.as_ref().is_some_and(|r| {
-        r.kind == kind
-            && r.name == name
-            && (kind == ConnectionKind::ClusterAwxConnection
-                || token.namespace().as_deref() == namespace)
-    })
 }
 
 /// What the connections' reconcile shares.
 struct Shared {
     ctx: Arc<Context>,
-    /// Which connection each AwxToken names, across shards.
-    users: Mutex<Users>,
     /// uid → the last probe.
     probes: Mutex<HashMap<String, Probe>>,
 }
@@ -156,13 +152,18 @@ type Probe = (
 /// A connection as the AwxTokens name it: kind, namespace (the namespaced kind only), name.
 type ConnectionKey = (ConnectionKind, String, String);
 
+/// An AwxToken by namespace and name.
+type TokenName = (String, String);
+
 /// Which connection each AwxToken names (by uid), from a watch of every AwxToken, whatever
-/// this process's shard: a connection's token count is the same in every shard.
+/// this process's shard: a connection's token count is the same in every shard. It also
+/// tells the controller which AwxTokens a connection's change concerns ([`users`]): the
+/// controller caches metadata only.
 #[derive(Default)]
-struct Users {
-    by_token: HashMap<String, ConnectionKey>,
+pub struct Users {
+    by_token: HashMap<String, (ConnectionKey, TokenName)>,
     /// During a relist: the AwxTokens listed so far.
-    relisted: Option<HashMap<String, ConnectionKey>>,
+    relisted: Option<HashMap<String, (ConnectionKey, TokenName)>>,
 }
 
 impl Users {
@@ -175,12 +176,17 @@ impl Users {
         Some((r.kind, namespace, r.name.clone()))
     }
 
+    fn entry_of(token: &AwxToken) -> Option<(ConnectionKey, TokenName)> {
+        let name = (token.namespace().unwrap_or_default(), token.name_any());
+        Some((Self::key_of(token)?, name))
+    }
+
     fn update(&mut self, event: &watcher::Event<AwxToken>) {
         match event {
             watcher::Event::Apply(t) => {
                 let uid = t.uid().unwrap_or_default();
-                match Self::key_of(t) {
-                    Some(key) => self.by_token.insert(uid, key),
+                match Self::entry_of(t) {
+                    Some(entry) => self.by_token.insert(uid, entry),
                     None => self.by_token.remove(&uid),
                 };
             }
@@ -189,8 +195,8 @@ impl Users {
             }
             watcher::Event::Init => self.relisted = Some(HashMap::new()),
             watcher::Event::InitApply(t) => {
-                if let (Some(listed), Some(key)) = (self.relisted.as_mut(), Self::key_of(t)) {
-                    listed.insert(t.uid().unwrap_or_default(), key);
+                if let (Some(listed), Some(entry)) = (self.relisted.as_mut(), Self::entry_of(t)) {
+                    listed.insert(t.uid().unwrap_or_default(), entry);
                 }
             }
             watcher::Event::InitDone => {
@@ -202,7 +208,7 @@ impl Users {
     }
 
     fn count(&self, key: &ConnectionKey) -> u32 {
-        self.by_token.values().filter(|k| *k == key).count() as u32
+        self.by_token.values().filter(|(k, _)| k == key).count() as u32
     }
 }
 
@@ -231,7 +237,6 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.cluster.client().clone();
     let shared = Arc::new(Shared {
         ctx,
-        users: Mutex::default(),
         probes: Mutex::default(),
     });
     let token_api: Api<AwxToken> = match &namespace {
@@ -242,7 +247,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let counter = shared.clone();
     let token_events = watcher(token_api, super::paged_lists())
         .default_backoff()
-        .inspect_ok(move |event| lock(&counter.users).update(event))
+        .inspect_ok(move |event| lock(&counter.ctx.connection_users).update(event))
         .touched_objects()
         .filter_map(|t| futures::future::ready(t.ok().and_then(|t| Users::key_of(&t))))
         .boxed();
@@ -306,7 +311,7 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, shared: Arc<Shared>) -> Res
         },
         obj.name_any(),
     );
-    let tokens = lock(&shared.users).count(&key);
+    let tokens = lock(&shared.ctx.connection_users).count(&key);
     let last = lock(&shared.probes).get(&uid).cloned();
     let outcome = match last {
         Some((g, at, outcome))

@@ -12,10 +12,7 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::{
-    ResourceExt,
-    runtime::{controller::Action, reflector::ObjectRef},
-};
+use kube::{ResourceExt, runtime::controller::Action};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -94,7 +91,7 @@ pub struct Env<'a, C, A, K> {
     pub settings: &'a Settings,
     pub metrics: &'a Metrics,
     /// Renewal starts under the rate limit, shared by every reconcile of this process.
-    pub pacer: &'a RenewalPacer<ObjectRef<AwxToken>>,
+    pub pacer: &'a RenewalPacer<super::TokenRef>,
 }
 
 /// How a reconcile of an existing AwxToken ended.

@@ -1,7 +1,7 @@
 //! The reconciler: from an `AwxToken` to a working token in a Secret, renewed and revoked.
 //!
-//! Each reconcile [observes](observe) (the AwxToken from the watch cache; its state, target
-//! and credentials Secrets fresh from the API server), asks the [plan](plan) for the next
+//! Each reconcile [observes](observe) (the AwxToken, its state, target and credentials
+//! Secrets, all fresh from the API server), asks the [plan](plan) for the next
 //! step (a pure function of what was observed and the time), [executes](execute) it, and
 //! asks again until the plan is done; the [status](status) it then reports is rendered from
 //! what it knows, never carried over from a cached copy. The Kubernetes and AWX sides are
@@ -130,7 +130,11 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     /// Renewal starts per host under the rate limit.
-    pub pacer: pace::RenewalPacer<ObjectRef<AwxToken>>,
+    pub pacer: pace::RenewalPacer<TokenRef>,
+    /// The Secrets each AwxToken reads or writes, from the spec its last reconcile read.
+    index: SecretIndex,
+    /// Which connection each AwxToken names (kept by the connections module's watch).
+    connection_users: Mutex<connections::Users>,
     /// Objects whose last attempt failed (the objects-in-backoff gauge).
     in_backoff: Mutex<HashSet<(String, String)>>,
     /// Consecutive Kubernetes API errors per object, for error_policy's backoff.
@@ -188,6 +192,8 @@ impl Context {
             in_backoff: Mutex::default(),
             api_errors: Mutex::default(),
             connection_reads: Mutex::default(),
+            index: SecretIndex::default(),
+            connection_users: Mutex::default(),
         }
     }
 
@@ -219,31 +225,53 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What the controller caches of an AwxToken: its metadata, no spec and no status. That
+/// is enough to know which AwxTokens exist and when one changed in a way that calls for a
+/// reconcile ([`worth_a_reconcile`]); the reconcile reads the whole object from the API
+/// server. A cached full AwxToken took about 2.2 KiB of heap (its struct alone is over
+/// 1.4 KiB), 22 MiB at 10,000: the largest part of a restarted operator's memory.
+pub type CachedToken = PartialObjectMeta<AwxToken>;
+
+/// How the controller, the pacer and the mappers name an AwxToken.
+pub type TokenRef = ObjectRef<CachedToken>;
+
 /// The reference by which the controller and the pacer name `token`: its namespace and name
 /// only (no uid or resourceVersion, which references compare without).
-pub(crate) fn object_ref(token: &AwxToken) -> ObjectRef<AwxToken> {
+pub(crate) fn object_ref(token: &impl ResourceExt) -> TokenRef {
     ObjectRef::new(&token.name_any()).within(&token.namespace().unwrap_or_default())
 }
 
-fn key_of(token: &AwxToken) -> (String, String) {
+fn key_of(token: &impl ResourceExt) -> (String, String) {
     (token.namespace().unwrap_or_default(), token.name_any())
 }
 
-/// Entry point called by kube-runtime for every change and requeue.
-pub async fn reconcile(token: Arc<AwxToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Entry point called by kube-runtime for every change and requeue. The AwxToken is read
+/// from the API server (the cache has its metadata only): one GET per reconcile, which also
+/// makes every reconcile start from the latest spec and status.
+pub async fn reconcile(cached: Arc<CachedToken>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let ns = token.namespace().unwrap_or_default();
-    let span = info_span!("reconcile", namespace = %ns, awxtoken = %token.name_any());
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    let span = info_span!("reconcile", namespace = %ns, awxtoken = %name);
     let api: Api<AwxToken> = Api::namespaced(ctx.cluster.client().clone(), &ns);
-    let result = finalizer(&api, FINALIZER, token, |event| async {
-        match event {
-            FinalizerEvent::Apply(t) => apply(&t, &ctx).await,
-            FinalizerEvent::Cleanup(t) => cleanup(&t, &ctx).await,
-        }
-    })
+    let result = async {
+        let Some(token) = api.get_opt(&name).await? else {
+            // Deleted since the event: its metadata's Delete event follows.
+            ctx.index.forget(&ns, &name);
+            return Ok(Action::await_change());
+        };
+        ctx.index.set(&token);
+        finalizer(&api, FINALIZER, Arc::new(token), |event| async {
+            match event {
+                FinalizerEvent::Apply(t) => apply(&t, &ctx).await,
+                FinalizerEvent::Cleanup(t) => cleanup(&t, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
     .instrument(span)
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -290,7 +318,7 @@ async fn cleanup(token: &AwxToken, ctx: &Context) -> Result<Action, Error> {
 
 /// Kubernetes API errors, conflicts and stuck deletions (AWX failures are handled inside the
 /// reconciler): retry with an exponential backoff per object.
-pub fn error_policy(token: Arc<AwxToken>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(token: Arc<CachedToken>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ReasonLabels {
@@ -302,7 +330,7 @@ pub fn error_policy(token: Arc<AwxToken>, error: &Error, ctx: Arc<Context>) -> A
         None => {
             let attempts = {
                 let mut errors = lock(&ctx.api_errors);
-                let n = errors.entry(key_of(&token)).or_default();
+                let n = errors.entry(key_of(token.as_ref())).or_default();
                 *n = n.saturating_add(1);
                 *n
             };
@@ -321,8 +349,11 @@ pub fn error_policy(token: Arc<AwxToken>, error: &Error, ctx: Arc<Context>) -> A
 }
 
 /// The Secrets each AwxToken reads or writes (credentials, target, CA bundle), indexed by
-/// Secret, so that a Secret event finds its AwxTokens without a scan of all of them. Kept
-/// from the AwxToken watch: a relist replaces it.
+/// Secret, so that a Secret event finds its AwxTokens without a scan of all of them. Set
+/// from the spec each reconcile reads; the AwxToken watch (metadata only) takes out the
+/// deleted ones, and a relist those it no longer lists. Until its first reconcile an
+/// AwxToken is in no entry: a Secret's event then finds nothing, and that reconcile reads
+/// the Secret anyway.
 #[derive(Default)]
 pub struct SecretIndex {
     inner: Mutex<IndexInner>,
@@ -402,12 +433,23 @@ impl IndexInner {
 }
 
 impl SecretIndex {
-    pub fn update(&self, event: &watcher::Event<AwxToken>) {
+    /// Indexes the Secrets `token`'s spec names.
+    pub fn set(&self, token: &AwxToken) {
+        lock(&self.inner).set(token);
+    }
+
+    /// Takes AwxToken `name` out of the index.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        lock(&self.inner).remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Follows the AwxToken watch: deletions and relists. A new or changed AwxToken's
+    /// Secrets are indexed by the reconcile its event calls for.
+    pub fn update(&self, event: &watcher::Event<CachedToken>) {
         let mut inner = lock(&self.inner);
         match event {
-            watcher::Event::Apply(token) => inner.set(token),
+            watcher::Event::Apply(_) => {}
             watcher::Event::InitApply(token) => {
-                inner.set(token);
                 if let Some(seen) = inner.relisted.as_mut() {
                     seen.insert(key_of(token));
                 }
@@ -444,7 +486,7 @@ fn affected_tokens(
     index: &SecretIndex,
     ctx: &Context,
     secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<AwxToken>> {
+) -> Vec<TokenRef> {
     let ns = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     let mut names = index.tokens_of(&ns, &name);
@@ -483,9 +525,10 @@ fn affected_tokens(
         .collect()
 }
 
-/// What the cache keeps of an AwxToken: no managed fields, no last-applied copy of the spec
-/// (most of an object's bytes, read by nothing here).
-fn slim(token: &mut AwxToken) {
+/// What the cache keeps of an AwxToken's metadata: no managed fields, no last-applied copy of
+/// the spec (most of an object's bytes, read by nothing here), no apiVersion and kind.
+fn slim(token: &mut CachedToken) {
+    token.types = None;
     token.managed_fields_mut().clear();
     token
         .annotations_mut()
@@ -495,8 +538,8 @@ fn slim(token: &mut AwxToken) {
 /// What of an AwxToken calls for a reconcile: its spec (generation), labels, annotations
 /// (rotate, skip-revoke), finalizers and deletion. Not its status, which this operator
 /// writes itself.
-fn worth_a_reconcile(token: &AwxToken) -> Option<u64> {
-    let meta = &token.metadata;
+fn worth_a_reconcile(token: &impl kube::Resource) -> Option<u64> {
+    let meta = token.meta();
     Some(hash_of(&(
         meta.generation,
         &meta.labels,
@@ -537,7 +580,9 @@ pub async fn run(
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let client = ctx.cluster.client().clone();
-    let (tokens, secret_api): (Api<AwxToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+    // AwxTokens and Secrets are both watched as metadata only (see [`CachedToken`]).
+    let (tokens, secret_api): (Api<CachedToken>, Api<PartialObjectMeta<Secret>>) = match &namespace
+    {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
@@ -549,17 +594,16 @@ pub async fn run(
         watcher_config = watcher_config.labels(selector);
     }
     let (store, writer) = reflector::store();
-    let index = Arc::new(SecretIndex::default());
-    let indexer = index.clone();
+    let indexer = ctx.clone();
     let token_events = watcher(tokens, watcher_config)
         .default_backoff()
         .modify(slim)
         .reflect(writer)
-        .inspect_ok(move |event| indexer.update(event))
+        .inspect_ok(move |event| indexer.index.update(event))
         .applied_objects()
         .predicate_filter(worth_a_reconcile, Default::default())
         .map_ok(|mut token| {
-            // This object only names what to reconcile (the reconcile reads the cached one).
+            // This object only names what to reconcile (the reconcile reads the AwxToken).
             // The controller keeps that name twice per AwxToken for as long as a reconcile
             // is scheduled, i.e. always: without the uid and resourceVersion, which nothing
             // compares, a name costs two allocations rather than four.
@@ -587,6 +631,7 @@ pub async fn run(
     });
     let mapper_ctx = ctx.clone();
     let (cluster_store, namespaced_store) = (store.clone(), store.clone());
+    let (cluster_ctx, namespaced_ctx) = (ctx.clone(), ctx.clone());
     let connection_client = ctx.cluster.client().clone();
     let namespaced_connections = match &namespace {
         Some(ns) => Api::namespaced(connection_client.clone(), ns),
@@ -602,7 +647,7 @@ pub async fn run(
         .touched_objects();
     controller
         .watches_stream(secret_events, move |secret| {
-            affected_tokens(&index, &mapper_ctx, &secret)
+            affected_tokens(&mapper_ctx.index, &mapper_ctx, &secret)
         })
         .watches_stream(
             connections::spec_changes::<crate::connection::ClusterAwxConnection>(
@@ -610,6 +655,7 @@ pub async fn run(
             ),
             move |c| {
                 connections::users(
+                    &cluster_ctx,
                     &cluster_store,
                     ConnectionKind::ClusterAwxConnection,
                     None,
@@ -623,6 +669,7 @@ pub async fn run(
             )),
             move |c| {
                 connections::users(
+                    &namespaced_ctx,
                     &namespaced_store,
                     ConnectionKind::AwxConnection,
                     c.namespace().as_deref(),
@@ -652,8 +699,8 @@ const PACER_TICK: Duration = Duration::from_secs(1);
 /// the reconcile they scheduled; once a minute the pacer drops tokens gone from the cache.
 fn paced_renewals(
     ctx: Arc<Context>,
-    store: reflector::Store<AwxToken>,
-) -> impl futures::Stream<Item = ObjectRef<AwxToken>> + Send + 'static {
+    store: reflector::Store<CachedToken>,
+) -> impl futures::Stream<Item = TokenRef> + Send + 'static {
     futures::stream::unfold(0u64, move |tick| {
         let (ctx, store) = (ctx.clone(), store.clone());
         async move {
@@ -694,11 +741,17 @@ mod index_tests {
         names
     }
 
+    /// The metadata of `token`, as the watch gives it.
+    fn meta(token: &AwxToken) -> CachedToken {
+        use kube::core::PartialObjectMetaExt as _;
+        token.metadata.clone().into_response_partial()
+    }
+
     #[test]
-    fn the_index_follows_the_awx_token_watch_and_its_relists() {
+    fn reconciles_index_the_spec_and_the_watch_takes_out_what_is_gone() {
         let index = SecretIndex::default();
-        index.update(&watcher::Event::Apply(token("a", "creds")));
-        index.update(&watcher::Event::Apply(token("b", "creds")));
+        index.set(&token("a", "creds"));
+        index.set(&token("b", "creds"));
         assert_eq!(of(&index, "creds"), ["a", "b"]);
         assert_eq!(
             of(&index, "a"),
@@ -714,26 +767,31 @@ mod index_tests {
         // A target of another name is indexed by that name, and not by the AwxToken's.
         let mut named = token("d", "creds");
         named.spec.secret.name = Some("d-token".into());
-        index.update(&watcher::Event::Apply(named.clone()));
+        index.set(&named);
         assert_eq!(of(&index, "d-token"), ["d"]);
         assert!(of(&index, "d").is_empty());
-        index.update(&watcher::Event::Delete(named));
+        index.update(&watcher::Event::Delete(meta(&named)));
         assert!(of(&index, "d-token").is_empty());
         // Credentials named like the AwxToken itself (its target too): found once.
-        index.update(&watcher::Event::Apply(token("e", "e")));
+        index.set(&token("e", "e"));
         assert_eq!(of(&index, "e"), ["e"]);
-        index.update(&watcher::Event::Delete(token("e", "e")));
-        // A changed spec moves the token in the index.
-        index.update(&watcher::Event::Apply(token("a", "creds-2")));
+        // Gone when the reconcile found it deleted.
+        index.forget(fx::NAMESPACE, "e");
+        assert!(of(&index, "e").is_empty());
+        // A changed spec moves the token in the index once a reconcile has read it; the
+        // watch event alone (metadata) changes nothing.
+        index.update(&watcher::Event::Apply(meta(&token("a", "creds-2"))));
+        assert_eq!(of(&index, "creds"), ["a", "b"]);
+        index.set(&token("a", "creds-2"));
         assert_eq!(of(&index, "creds"), ["b"]);
         assert_eq!(of(&index, "creds-2"), ["a"]);
-        index.update(&watcher::Event::Delete(token("b", "creds")));
+        index.update(&watcher::Event::Delete(meta(&token("b", "creds"))));
         assert!(of(&index, "creds").is_empty());
         assert!(of(&index, "b").is_empty());
         // A relist keeps what it lists and forgets the rest.
-        index.update(&watcher::Event::Apply(token("c", "creds")));
+        index.set(&token("c", "creds"));
         index.update(&watcher::Event::Init);
-        index.update(&watcher::Event::InitApply(token("a", "creds-2")));
+        index.update(&watcher::Event::InitApply(meta(&token("a", "creds-2"))));
         assert_eq!(of(&index, "creds"), ["c"], "kept until the relist is done");
         index.update(&watcher::Event::InitDone);
         assert!(of(&index, "creds").is_empty());
@@ -748,6 +806,11 @@ mod index_tests {
         status_only.status = Some(Default::default());
         status_only.metadata.resource_version = Some("4712".into());
         assert_eq!(worth_a_reconcile(&t), worth_a_reconcile(&status_only));
+        assert_eq!(
+            worth_a_reconcile(&t),
+            worth_a_reconcile(&meta(&t)),
+            "the same from the metadata the controller caches"
+        );
         let mut rotated = t.clone();
         rotated
             .annotations_mut()

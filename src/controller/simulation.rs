@@ -32,7 +32,7 @@ use std::{
 
 use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
-use kube::{ResourceExt, runtime::reflector::ObjectRef};
+use kube::ResourceExt;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use secrecy::{ExposeSecret as _, SecretString};
 
@@ -180,7 +180,7 @@ struct Process {
     crash_after: Mutex<Option<usize>>,
     crashed: Mutex<bool>,
     /// Its renewal pacer (in memory: a new process starts with an empty one).
-    pacer: RenewalPacer<ObjectRef<AwxToken>>,
+    pacer: RenewalPacer<super::TokenRef>,
 }
 
 impl Process {

@@ -67,11 +67,12 @@ src/controller.rs, and tests/e2e/chart.rs runs the operator with exactly these r
   (blockOwnerDeletion is what would need it under OwnerReferencesPermissionEnforcement).
 */}}
 {{- define "awx-token-operator.rules" -}}
-# AwxTokens: listed and watched into the controller's cache; the finalizer that revokes tokens
-# on delete is added and removed with JSON patches.
+# AwxTokens: their metadata listed and watched into the controller's cache, each read whole at
+# its reconcile; the finalizer that revokes tokens on delete is added and removed with JSON
+# patches.
 - apiGroups: ["awx-token-operator.io"]
   resources: ["awxtokens"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 # Status is written with server-side apply on the status subresource.
 - apiGroups: ["awx-token-operator.io"]
   resources: ["awxtokens/status"]
