@@ -1,14 +1,19 @@
 //! Prometheus metrics. Labels are bounded: no token ids, no URLs, no values.
 
-use std::{collections::BTreeSet, sync::atomic::AtomicU64, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
         MetricType, TypedMetric,
         counter::Counter,
         family::{Family, MetricConstructor},
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Metric, Registry},
@@ -64,12 +69,6 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ObjectLabels {
-    pub namespace: String,
-    pub name: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -83,7 +82,83 @@ impl MetricConstructor<Histogram> for LatencyHistogram {
     }
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
+/// The per-AwxToken gauges, one entry per AwxToken for all three, encoded at scrape time. A
+/// `Family` per gauge held each AwxToken's namespace and name as two more strings per family,
+/// and a shared cell per value: 2.5 MiB of a restarted operator's heap at 10,000 AwxTokens.
+#[derive(Debug, Default)]
+struct ObjectGauges {
+    /// "namespace/name" (neither can hold a slash) → its times.
+    by_object: Mutex<HashMap<Box<str>, ObjectTimes>>,
+}
+
+/// One AwxToken's gauges (unix seconds); an AwxToken with none is not kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct ObjectTimes {
+    expiry: Option<f64>,
+    renewal: Option<f64>,
+    failing_since: Option<f64>,
+}
+
+/// A per-AwxToken gauge: name, help, and which of an AwxToken's times it shows.
+type ObjectGauge = (&'static str, &'static str, fn(&ObjectTimes) -> Option<f64>);
+
+/// The per-AwxToken gauges.
+const OBJECT_GAUGES: [ObjectGauge; 3] = [
+    (
+        "token_expiry_timestamp_seconds",
+        "When AWX says the current token of an AwxToken expires (unix seconds)",
+        |t| t.expiry,
+    ),
+    (
+        "token_renewal_timestamp_seconds",
+        "When the operator will renew the token of an AwxToken (unix seconds)",
+        |t| t.renewal,
+    ),
+    (
+        "renewal_failing_since_timestamp_seconds",
+        "Since when every attempt to obtain a token for an AwxToken has failed (unix seconds; \
+         kept across restarts); absent once one succeeds",
+        |t| t.failing_since,
+    ),
+];
+
+impl ObjectGauges {
+    fn update(&self, namespace: &str, name: &str, change: impl FnOnce(&mut ObjectTimes)) {
+        let key = format!("{namespace}/{name}");
+        let mut map = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        let mut times = map.get(key.as_str()).copied().unwrap_or_default();
+        change(&mut times);
+        if times == ObjectTimes::default() {
+            map.remove(key.as_str());
+        } else {
+            map.insert(key.into_boxed_str(), times);
+        }
+    }
+}
+
+impl Collector for ObjectGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let map = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        let mut objects: Vec<(&str, &str, &ObjectTimes)> = map
+            .iter()
+            .map(|(key, times)| {
+                let (namespace, name) = key.split_once('/').unwrap_or(("", key));
+                (namespace, name, times)
+            })
+            .collect();
+        objects.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (gauge, help, value_of) in OBJECT_GAUGES {
+            let mut family = encoder.encode_descriptor(gauge, help, None, MetricType::Gauge)?;
+            for (namespace, name, times) in &objects {
+                if let Some(value) = value_of(times) {
+                    let labels = [("namespace", *namespace), ("name", *name)];
+                    ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 const PREFIX: &str = "awx_token_operator";
 
@@ -125,9 +200,7 @@ pub struct Metrics {
     pub awx_requests: Family<AwxRequestLabels, Counter>,
     pub awx_request_duration: Family<EndpointLabels, Histogram, LatencyHistogram>,
     pub objects_in_backoff: Gauge,
-    pub token_expiry: Family<ObjectLabels, FloatGauge>,
-    pub token_renewal: Family<ObjectLabels, FloatGauge>,
-    pub renewal_failing_since: Family<ObjectLabels, FloatGauge>,
+    objects: Arc<ObjectGauges>,
     pub leader: Gauge,
 }
 
@@ -239,25 +312,15 @@ impl Metrics {
             "AwxTokens waiting to retry after a failure",
             objects_in_backoff.clone(),
         );
-        let token_expiry = Family::<ObjectLabels, FloatGauge>::default();
-        registry.register(
-            "token_expiry_timestamp_seconds",
-            "When AWX says the current token of an AwxToken expires (unix seconds)",
-            token_expiry.clone(),
+        let objects = Arc::new(ObjectGauges::default());
+        registry.series.extend(
+            OBJECT_GAUGES
+                .iter()
+                .map(|(name, ..)| format!("{PREFIX}_{name}")),
         );
-        let token_renewal = Family::<ObjectLabels, FloatGauge>::default();
-        registry.register(
-            "token_renewal_timestamp_seconds",
-            "When the operator will renew the token of an AwxToken (unix seconds)",
-            token_renewal.clone(),
-        );
-        let renewal_failing_since = Family::<ObjectLabels, FloatGauge>::default();
-        registry.register(
-            "renewal_failing_since_timestamp_seconds",
-            "Since when every attempt to obtain a token for an AwxToken has failed (unix seconds; \
-             kept across restarts); absent once one succeeds",
-            renewal_failing_since.clone(),
-        );
+        registry
+            .registry
+            .register_collector(Box::new(objects.clone()));
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -288,9 +351,7 @@ impl Metrics {
             awx_requests,
             awx_request_duration,
             objects_in_backoff,
-            token_expiry,
-            token_renewal,
-            renewal_failing_since,
+            objects,
             leader,
         }
     }
@@ -312,43 +373,18 @@ impl Metrics {
 
     /// Records since when obtaining a token for one AwxToken has failed (`None`: it has not).
     pub fn set_failing_since(&self, namespace: &str, name: &str, since: Option<f64>) {
-        let labels = ObjectLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        match since {
-            Some(t) => {
-                self.renewal_failing_since.get_or_create(&labels).set(t);
-            }
-            None => {
-                self.renewal_failing_since.remove(&labels);
-            }
-        }
+        self.objects
+            .update(namespace, name, |t| t.failing_since = since);
     }
 
     /// Records the schedule of one AwxToken (or forgets it with `None`).
     pub fn set_schedule(&self, namespace: &str, name: &str, times: Option<(Option<f64>, f64)>) {
-        let labels = ObjectLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-        };
-        match times {
-            Some((expiry, renewal)) => {
-                match expiry {
-                    Some(e) => {
-                        self.token_expiry.get_or_create(&labels).set(e);
-                    }
-                    None => {
-                        self.token_expiry.remove(&labels);
-                    }
-                }
-                self.token_renewal.get_or_create(&labels).set(renewal);
+        self.objects.update(namespace, name, |t| {
+            (t.expiry, t.renewal) = match times {
+                Some((expiry, renewal)) => (expiry, Some(renewal)),
+                None => (None, None),
             }
-            None => {
-                self.token_expiry.remove(&labels);
-                self.token_renewal.remove(&labels);
-            }
-        }
+        });
     }
 }
 
@@ -397,6 +433,37 @@ mod tests {
         }
         m.set_schedule("apps", "ci-bot", None);
         assert!(!m.render().contains("name=\"ci-bot\""));
+    }
+
+    #[test]
+    fn per_object_gauges_are_kept_while_one_has_a_value() {
+        let m = Metrics::new();
+        m.set_schedule("apps", "a", Some((None, 1.9e9)));
+        m.set_failing_since("apps", "a", Some(1.7e9));
+        m.set_schedule("ops", "b", Some((Some(2.0e9), 1.8e9)));
+        let text = m.render();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("timestamp_seconds{"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "awx_token_operator_token_expiry_timestamp_seconds{namespace=\"ops\",name=\"b\"} 2000000000.0",
+                "awx_token_operator_token_renewal_timestamp_seconds{namespace=\"apps\",name=\"a\"} 1900000000.0",
+                "awx_token_operator_token_renewal_timestamp_seconds{namespace=\"ops\",name=\"b\"} 1800000000.0",
+                "awx_token_operator_renewal_failing_since_timestamp_seconds{namespace=\"apps\",name=\"a\"} 1700000000.0",
+            ]
+        );
+        // The schedule forgotten, the failure is still shown; both forgotten, nothing is kept.
+        m.set_schedule("apps", "a", None);
+        assert!(m.render().contains(
+            "awx_token_operator_renewal_failing_since_timestamp_seconds{namespace=\"apps\",name=\"a\"}"
+        ));
+        m.set_failing_since("apps", "a", None);
+        m.set_schedule("ops", "b", None);
+        assert!(m.objects.by_object.lock().unwrap().is_empty());
+        assert!(!m.render().contains("timestamp_seconds{"));
     }
 
     #[test]
