@@ -91,7 +91,7 @@ pub struct Env<'a, C, A, K> {
     pub settings: &'a Settings,
     pub metrics: &'a Metrics,
     /// Renewal starts under the rate limit, shared by every reconcile of this process.
-    pub pacer: &'a RenewalPacer<super::TokenRef>,
+    pub pacer: &'a RenewalPacer<super::PacedName>,
 }
 
 /// How a reconcile of an existing AwxToken ended.
@@ -241,7 +241,7 @@ impl<C: Cluster, A: AwxApi, K: Clock> Run<'_, C, A, K> {
         match (&self.seen.state.current, &self.seen.valid) {
             (Some(current), Ok(valid)) if renewable => Some(self.env.pacer.book(
                 self.uid(),
-                &super::object_ref(self.token),
+                &super::PacedName::of(self.token),
                 &valid.host,
                 current.issued_at,
                 plan::renewal_time(self.uid(), current, valid),

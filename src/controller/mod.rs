@@ -130,7 +130,7 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     /// Renewal starts per host under the rate limit.
-    pub pacer: pace::RenewalPacer<TokenRef>,
+    pub pacer: pace::RenewalPacer<PacedName>,
     /// The Secrets each AwxToken reads or writes, from the spec its last reconcile read.
     index: SecretIndex,
     /// Which connection each AwxToken names (kept by the connections module's watch).
@@ -235,10 +235,30 @@ pub type CachedToken = PartialObjectMeta<AwxToken>;
 /// How the controller, the pacer and the mappers name an AwxToken.
 pub type TokenRef = ObjectRef<CachedToken>;
 
-/// The reference by which the controller and the pacer name `token`: its namespace and name
-/// only (no uid or resourceVersion, which references compare without).
-pub(crate) fn object_ref(token: &impl ResourceExt) -> TokenRef {
-    ObjectRef::new(&token.name_any()).within(&token.namespace().unwrap_or_default())
+/// How the pacer names an AwxToken: "namespace/name" (neither holds a slash) in one
+/// allocation, where a [`TokenRef`] takes 96 bytes and two; the pacer holds every renewable
+/// AwxToken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacedName(Box<str>);
+
+impl PacedName {
+    pub(crate) fn of(token: &impl ResourceExt) -> Self {
+        Self(
+            format!(
+                "{}/{}",
+                token.namespace().unwrap_or_default(),
+                token.name_any()
+            )
+            .into(),
+        )
+    }
+
+    /// The controller's reference: namespace and name only (no uid or resourceVersion, which
+    /// references compare without).
+    fn to_ref(&self) -> TokenRef {
+        let (namespace, name) = self.0.split_once('/').unwrap_or(("", &self.0));
+        ObjectRef::new(name).within(namespace)
+    }
 }
 
 fn key_of(token: &impl ResourceExt) -> (String, String) {
@@ -706,7 +726,7 @@ fn paced_renewals(
         async move {
             tokio::time::sleep(PACER_TICK).await;
             if tick % 60 == 59 {
-                ctx.pacer.retain(|r| store.get(r).is_some());
+                ctx.pacer.retain(|r| store.get(&r.to_ref()).is_some());
             }
             let due = ctx
                 .pacer
@@ -714,6 +734,7 @@ fn paced_renewals(
             if !due.is_empty() {
                 debug!(count = due.len(), "renewals to start earlier");
             }
+            let due: Vec<TokenRef> = due.iter().map(PacedName::to_ref).collect();
             Some((futures::stream::iter(due), tick + 1))
         }
     })
@@ -797,6 +818,15 @@ mod index_tests {
         assert!(of(&index, "creds").is_empty());
         assert_eq!(of(&index, "creds-2"), ["a"]);
         assert_eq!(lock(&index.inner).by_token.len(), 1);
+    }
+
+    #[test]
+    fn the_pacer_names_the_object_the_controller_reconciles() {
+        let t = token("ci-bot", "creds");
+        assert_eq!(
+            PacedName::of(&t).to_ref(),
+            ObjectRef::new("ci-bot").within(fx::NAMESPACE)
+        );
     }
 
     #[test]

@@ -180,7 +180,7 @@ struct Process {
     crash_after: Mutex<Option<usize>>,
     crashed: Mutex<bool>,
     /// Its renewal pacer (in memory: a new process starts with an empty one).
-    pacer: RenewalPacer<super::TokenRef>,
+    pacer: RenewalPacer<super::PacedName>,
 }
 
 impl Process {
