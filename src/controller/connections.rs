@@ -127,10 +127,8 @@ pub fn users(
         name.to_string(),
     );
     lock(&ctx.connection_users)
-        .by_token
-        .values()
-        .filter(|(k, _)| *k == key)
-        .map(|(_, (ns, name))| ObjectRef::new(name).within(ns))
+        .naming(&key)
+        .map(|(ns, name)| ObjectRef::new(name).within(ns))
         .filter(|r| store.get(r).is_some())
         .collect()
 }
@@ -207,8 +205,16 @@ impl Users {
         }
     }
 
+    /// The AwxTokens that name connection `key`.
+    fn naming<'a>(&'a self, key: &'a ConnectionKey) -> impl Iterator<Item = &'a TokenName> + 'a {
+        self.by_token
+            .values()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, token)| token)
+    }
+
     fn count(&self, key: &ConnectionKey) -> u32 {
-        self.by_token.values().filter(|(k, _)| k == key).count() as u32
+        self.naming(key).count() as u32
     }
 }
 
